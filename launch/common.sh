@@ -52,9 +52,14 @@ aq_join_quoted() {
   done
 }
 
+# Print a command to stdout, quoted and prefixed by "+ ".
+aq_print_command() {
+  printf '+ %s\n' "$(aq_join_quoted "$@")"
+}
+
 # Print a command to stdout prefixed by "+ ", then run it unless this is a dry run.
 aq_run() {
-  printf '+ %s\n' "$(aq_join_quoted "$@")"
+  aq_print_command "$@"
   if aq_is_dry_run; then
     return 0
   fi
