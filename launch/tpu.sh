@@ -18,8 +18,9 @@ commands it runs; with --dry-run (or DRY_RUN=1) it only prints them and does not
 Commands:
   create    create the TPU VM (gcloud compute tpus tpu-vm create)
   install   install JAX for TPU and aqhash_jax on every worker, from a git URL or a wheel/sdist
-  train     start the training command on every worker in the background (nohup); each process
-            calls jax.distributed.initialize(), which finds the other workers on a TPU VM
+  train     start the training command on every worker in the background (nohup); with
+            --distributed=auto each process calls jax.distributed.initialize(), which finds the
+            other workers of the TPU VM by itself
   wait      wait until training has ended on every worker, printing the last log line every
             --poll-seconds; exits with the training exit status
   logs      follow the training log of one worker (--worker, default 0); Ctrl-C stops following,
@@ -337,6 +338,9 @@ train_command_text() {
   fi
   text+="$(aq_quote "$REMOTE_PYTHON") -m aqhash_jax.train --config=$(aq_quote "$AQHASH_CONFIG")"
   text+=" --workdir=$(remote_path_text "$WORKDIR")"
+  # On a TPU VM, jax.distributed.initialize() finds the coordinator and the process count and id
+  # from the VM's metadata; --distributed=auto makes the job call it without arguments.
+  text+=" --distributed=auto"
   if ((${#TRAIN_ARGS[@]} > 0)); then
     text+=" $(aq_join_quoted "${TRAIN_ARGS[@]}")"
   fi
