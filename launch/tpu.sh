@@ -57,6 +57,9 @@ Options (environment variable in brackets):
   --configs-dir DIR       local folder of config files copied with a wheel/sdist source;
                           default: the configs/ folder next to launch/
   --jax-spec SPEC         pip requirement for JAX on TPU [JAX_SPEC]; default: jax[tpu]
+  --extra-packages REQS   further pip requirements, separated by spaces [EXTRA_PACKAGES];
+                          default: etils[epath-gcs], which gives etils.epath (used for the
+                          workdir and checkpoints) gcsfs for gs:// paths when TensorFlow is absent
   --python EXE            Python interpreter on the workers [REMOTE_PYTHON]; default: python3
   --remote-dir DIR        project folder on the workers, relative to the home directory
                           [REMOTE_DIR]; default: aqhash_jax
@@ -118,6 +121,7 @@ parse_args() {
   AQHASH_GIT_REF=${AQHASH_GIT_REF:-}
   CONFIGS_DIR="$LAUNCH_DIR/../configs"
   JAX_SPEC=${JAX_SPEC:-jax[tpu]}
+  EXTRA_PACKAGES=${EXTRA_PACKAGES-etils[epath-gcs]}
   REMOTE_PYTHON=${REMOTE_PYTHON:-python3}
   REMOTE_DIR=${REMOTE_DIR:-aqhash_jax}
   AQHASH_CONFIG=${AQHASH_CONFIG:-}
@@ -138,8 +142,8 @@ parse_args() {
       --spot) TPU_SPOT=1 ;;
       --keep-vm) KEEP_VM=1 ;;
       --project | --zone | --name | --accelerator-type | --version | --bucket | --workdir | \
-        --run-name | --source | --git-ref | --configs-dir | --jax-spec | --python | --remote-dir | \
-        --config | --env | --worker | --poll-seconds | --dest)
+        --run-name | --source | --git-ref | --configs-dir | --jax-spec | --extra-packages | --python | \
+        --remote-dir | --config | --env | --worker | --poll-seconds | --dest)
         if (($# < 2)); then
           aq_die "option $1 requires a value; see --help"
         fi
@@ -148,7 +152,7 @@ parse_args() {
         ;;
       --project=* | --zone=* | --name=* | --accelerator-type=* | --version=* | --bucket=* | \
         --workdir=* | --run-name=* | --source=* | --git-ref=* | --configs-dir=* | --jax-spec=* | \
-        --python=* | --remote-dir=* | --config=* | --env=* | --worker=* | --poll-seconds=* | --dest=*)
+        --extra-packages=* | --python=* | --remote-dir=* | --config=* | --env=* | --worker=* | --poll-seconds=* | --dest=*)
         set_option "${1%%=*}" "${1#*=}"
         ;;
       --config.*) TRAIN_ARGS+=("$1") ;;
@@ -185,6 +189,7 @@ set_option() {
     --git-ref) AQHASH_GIT_REF=$value ;;
     --configs-dir) CONFIGS_DIR=$value ;;
     --jax-spec) JAX_SPEC=$value ;;
+    --extra-packages) EXTRA_PACKAGES=$value ;;
     --python) REMOTE_PYTHON=$value ;;
     --remote-dir) REMOTE_DIR=$value ;;
     --config) AQHASH_CONFIG=$value ;;
@@ -301,9 +306,13 @@ create_vm() {
 }
 
 install_project() {
-  local remote_dir_q pip_install
+  local remote_dir_q pip_install extra_packages
   remote_dir_q=$(aq_quote "$REMOTE_DIR")
+  read -r -a extra_packages <<<"$EXTRA_PACKAGES"
   pip_install="$(aq_quote "$REMOTE_PYTHON") -m pip install --upgrade $(aq_quote "$JAX_SPEC")"
+  if ((${#extra_packages[@]} > 0)); then
+    pip_install+=" $(aq_join_quoted "${extra_packages[@]}")"
+  fi
 
   if [[ $AQHASH_SOURCE == *.whl || $AQHASH_SOURCE == *.tar.gz ]]; then
     if [[ ! -f $AQHASH_SOURCE ]]; then

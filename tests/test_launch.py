@@ -280,7 +280,8 @@ def test_tpu_run_sequence():
     for command in (install, train, wait):
         assert option_value(command, "worker") == "all"
     assert "git clone --depth 1 https://example.com/aqhash_jax.git" in option_value(install, "command")
-    assert "python3 -m pip install --upgrade 'jax[tpu]' ./aqhash_jax" in option_value(install, "command")
+    assert ("python3 -m pip install --upgrade 'jax[tpu]' 'etils[epath-gcs]' ./aqhash_jax"
+            in option_value(install, "command"))
 
     expected_train = (
         "env TFDS_DATA_DIR=gs://my-bucket/tfds python3 -m aqhash_jax.train --config=configs/dogs.py"
@@ -315,7 +316,7 @@ def test_tpu_install_from_git_ref():
     result = run_script(
         TPU_SCRIPT,
         ["install", "--dry-run", *TPU_BASE_ARGS, "--source", "https://example.com/aqhash_jax.git",
-         "--git-ref", "v0.1.0", "--jax-spec", "jax[tpu]==0.10.2"],
+         "--git-ref", "v0.1.0", "--jax-spec", "jax[tpu]==0.10.2", "--extra-packages", ""],
     )
     assert result.returncode == 0, result.stderr
     commands = printed_commands(result.stdout)
@@ -346,7 +347,8 @@ def test_tpu_install_from_wheel(tmp_path):
     assert "aqhash-tpu:aqhash_jax/" in copy
     assert option_value(pip, "worker") == "all"
     assert option_value(pip, "command") == (
-        "python3 -m pip install --upgrade 'jax[tpu]' aqhash_jax/aqhash_jax-0.1.0-py3-none-any.whl"
+        "python3 -m pip install --upgrade 'jax[tpu]' 'etils[epath-gcs]'"
+        " aqhash_jax/aqhash_jax-0.1.0-py3-none-any.whl"
     )
 
 
