@@ -1,9 +1,9 @@
 """Tests for the launch scripts in launch/.
 
 The TPU and Slurm scripts run in dry-run mode, and the printed commands are parsed with shlex and
-checked. The remote shell text they build is then run here with bash, against a recording
-`aqhash_jax.train` module in a temporary project folder, to check that it starts, waits for and
-stops the job as a TPU worker or Slurm task would. The plain-ssh launcher's --local mode runs real
+checked. The remote shell text that they build is then run here with bash, against a recording
+`aqhash_jax.train` module in a temporary project folder. This checks that the text starts, waits
+for and stops the job as it would on a TPU worker or in a Slurm task. The plain-ssh launcher's --local mode runs real
 local processes, and one test trains configs/tiny.py with two processes joined by
 jax.distributed on 127.0.0.1.
 """
@@ -37,7 +37,7 @@ SLURM_ENV = {
 }
 
 # Stands in for aqhash_jax.train: records its arguments and a few environment variables to
-# $RECORD_DIR/process_<id>.json, then behaves as $FAKE_TRAIN_MODE asks.
+# $RECORD_DIR/process_<id>.json, then exits, fails or sleeps as $FAKE_TRAIN_MODE selects.
 RECORDING_TRAIN_MODULE = textwrap.dedent(
     """
     import json
