@@ -723,7 +723,7 @@ def test_two_local_processes_train(tmp_path):
     assert (workdir / "metrics.json").is_file(), logs
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics, "metrics.json is empty"
-    exported = list((workdir / "export").glob("*.npy"))
+    exported = list((workdir / "export").rglob("*.npy"))
     assert exported, logs
 
 
