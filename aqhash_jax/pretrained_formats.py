@@ -448,8 +448,70 @@ def load_resnet50_torch(path: str | os.PathLike, variables: Mapping[str, Any]) -
     return torchvision_resnet50_to_variables(state_dict, variables, source=str(path))
 
 
+# ---------------------------------------------------------------------------------------------
+# Loading by backbone name, and registration with aqhash_jax.pretrained
+# ---------------------------------------------------------------------------------------------
+
+# File suffixes each backbone family reads, for init strings that give only a path.
+CHECKPOINT_SUFFIXES = {"vit": (".npz",), "resnet": (".pth", ".pt")}
+
+
+def load_backbone_weights(
+    path: str | os.PathLike,
+    backbone: str,
+    *,
+    image_size: int | tuple[int, int] = 224,
+    include_top: bool = False,
+    **backbone_kwargs: Any,
+) -> dict[str, Any]:
+    """Load released weights for the backbone named `backbone` (a ViT or "resnet50").
+
+    Builds the backbone with `create_backbone(backbone, image_size=..., include_top=...,
+    **backbone_kwargs)`, takes its variable shapes with `jax.eval_shape` (no initialisation) and
+    fills them from `path` with `load_vit_npz` or `load_resnet50_torch`. Returns float32 numpy
+    variables ({"params"} for ViT, {"params", "batch_stats"} for ResNet-50).
+
+    Raises FileNotFoundError for a missing file and ValueError for another backbone family or a
+    checkpoint that does not fit.
+    """
+    from aqhash_jax.models import backbones
+
+    family = backbones.backbone_family(backbone)
+    if family not in CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"No released-weights loader for backbone {backbone!r}; this module reads ViT "
+            "(.npz) and ResNet-50 (.pth) checkpoints."
+        )
+
+    module = backbones.create_backbone(
+        backbone, image_size=image_size, include_top=include_top, **backbone_kwargs
+    )
+    side = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    images = jax.ShapeDtypeStruct((1, *side, 3), jnp.float32)
+    template = jax.eval_shape(module.init, jax.random.key(0), images)
+
+    if family == "vit":
+        return load_vit_npz(path, template, grid=module.grid())
+    return load_resnet50_torch(path, template)
+
+
+def register_formats() -> None:
+    """Register the ViT and ResNet-50 loaders with `aqhash_jax.pretrained.register_loader`.
+
+    Each loader is registered under its family name ("vit", "resnet") as `load_backbone_weights`,
+    called as loader(path, backbone, image_size=..., include_top=..., **backbone_kwargs).
+    """
+    from aqhash_jax import pretrained
+
+    for family in CHECKPOINT_SUFFIXES:
+        pretrained.register_loader(family, load_backbone_weights)
+
+
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "detect_vit_layout",
+    "load_backbone_weights",
+    "register_formats",
     "load_resnet50_torch",
     "load_vit_npz",
     "resize_position_embedding",

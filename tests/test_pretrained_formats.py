@@ -424,3 +424,31 @@ def test_resnet_missing_file_names_path_and_source(tmp_path):
 
     assert str(missing) in str(error.value)
     assert "IMAGENET1K_V1" in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading by backbone name
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_backbone_weights_builds_vit_template(tmp_path):
+    arrays = _random_vit_arrays(_tiny_vit(), 32)
+    path = _save_npz(tmp_path / "vit.npz", arrays)
+
+    variables = pretrained_formats.load_backbone_weights(
+        path, "vit_ti16", image_size=48, **TINY
+    )
+    posemb = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+
+    assert posemb.shape == (1, 37, 32)
+    np.testing.assert_array_equal(variables["params"]["cls"], arrays["cls"])
+    np.testing.assert_array_equal(
+        variables["params"]["embedding"]["kernel"], arrays["embedding/kernel"]
+    )
+
+
+def test_load_backbone_weights_rejects_other_families(tmp_path):
+    with pytest.raises(ValueError, match="No released-weights loader"):
+        pretrained_formats.load_backbone_weights(tmp_path / "w.pth", "efficientnet_lite0")
+    with pytest.raises(ValueError, match="Unknown backbone"):
+        pretrained_formats.load_backbone_weights(tmp_path / "w.pth", "resnet101")
