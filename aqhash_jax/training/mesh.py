@@ -101,15 +101,16 @@ def process_rows(global_batch_size: int) -> slice:
     return slice(start, start + local)
 
 
-def shard_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assemble global arrays sharded along "data" from this process's rows of a batch."""
+def shard_batch(mesh: Mesh, local_batch: Any) -> Any:
+    """Assemble global arrays sharded along "data" from this process's rows of a batch pytree."""
     sharding = batch_sharded(mesh)
-    out = {}
-    for key, value in local_batch.items():
+
+    def to_global(value):
         value = np.asarray(value)
         global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+        return jax.make_array_from_process_local_data(sharding, value, global_shape)
+
+    return jax.tree_util.tree_map(to_global, local_batch)
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:

@@ -18,27 +18,33 @@ HEAD = "head"
 BACKBONE = "backbone"
 FROZEN = "frozen"
 
-# Stage of a backbone parameter, from the first component of its path under "backbone". The stem
-# is stage 0, so `frozen_backbone_stages=2` freezes the stem and the first stage.
+# Stage of a backbone parameter, from the name of its submodule under "backbone". The stem is
+# stage 0, so `frozen_backbone_stages=2` freezes the stem and the first stage.
 _STAGE_PATTERNS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], int]], ...] = (
     # ResNet (torchvision layout): conv1/bn1 stem, layer1_* ... layer4_*.
     (re.compile(r"^(conv1|bn1)$"), lambda m: 0),
     (re.compile(r"^layer(\d+)_\d+$"), lambda m: int(m.group(1))),
-    # EfficientNet: stem conv and norm, blocks named stage<k>_<block> (k from 1), head conv.
+    # EfficientNet: stem conv and norm, then blocks named by stage.
     (re.compile(r"^stem.*$"), lambda m: 0),
-    (re.compile(r"^stage(\d+)_\d+$"), lambda m: int(m.group(1))),
-    (re.compile(r"^stage(\d+)$"), lambda m: int(m.group(1))),
+    (re.compile(r"^stage(\d+)(_\d+)?$"), lambda m: int(m.group(1))),
     (re.compile(r"^blocks?_(\d+)_\d+$"), lambda m: int(m.group(1)) + 1),
-    # ViT: patch embedding and position embedding as the stem, encoder blocks as stages.
-    (re.compile(r"^(patch_embed\w*|embedding|pos_embed\w*|cls\w*)$"), lambda m: 0),
-    (re.compile(r"^(encoderblock|block|blocks|layer)_(\d+)$"), lambda m: int(m.group(2)) + 1),
+    # ViT: patch embedding, class token and position embedding as the stem, encoder blocks as
+    # stages 1.., the final norm and any top after every block.
+    (re.compile(r"^(embedding|cls|posembed_input)$"), lambda m: 0),
+    (re.compile(r"^encoderblock_(\d+)$"), lambda m: int(m.group(1)) + 1),
+    (re.compile(r"^(encoder_norm|head|top.*|head_.*)$"), lambda m: 1_000_000),
 )
+# Containers whose children carry the stage names (ViT's "Transformer").
+_CONTAINERS = ("Transformer",)
 
 
-def backbone_stage(name: str) -> int | None:
-    """Return the stage index (stem = 0) of a backbone submodule name, or None if unknown."""
+def backbone_stage(names: tuple[str, ...]) -> int | None:
+    """Return the stage index (stem = 0) of a backbone parameter path (below "backbone"), or None."""
+    names = tuple(str(name) for name in names)
+    if len(names) > 1 and names[0] in _CONTAINERS:
+        names = names[1:]
     for pattern, to_stage in _STAGE_PATTERNS:
-        match = pattern.match(name)
+        match = pattern.match(names[0])
         if match:
             return to_stage(match)
     return None
@@ -70,7 +76,7 @@ def param_labels(
             labels[path] = BACKBONE
             continue
 
-        stage = backbone_stage(str(path[1]))
+        stage = backbone_stage(path[1:])
         if stage is None:
             raise ValueError(
                 f"cannot tell the stage of backbone parameter {'/'.join(map(str, path))} to "
