@@ -12,12 +12,13 @@ import dataclasses
 import io
 import math
 import os
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 ImageInput = Union[bytes, str, os.PathLike]
+Box = tuple[float, float, float, float]
 
 # Errors that PIL raises for unreadable, truncated or hostile input. `SyntaxError` comes
 # from some plugin parsers and `Image.DecompressionBombError` from images over PIL's pixel
@@ -117,7 +118,7 @@ def image_size(data: ImageInput) -> tuple[int, int]:
 
 def decode_crop(
     data: ImageInput,
-    box: tuple[float, float, float, float] | None,
+    box: Box | Callable[[int, int], Box] | None,
     output_size: int,
     *,
     name: str = "<bytes>",
@@ -126,7 +127,8 @@ def decode_crop(
 
     Args:
       data: encoded image bytes or a file path.
-      box: (left, top, right, bottom) in stored-image pixels, or None for the whole image.
+      box: (left, top, right, bottom) in stored-image pixels; a callable taking the stored
+        (width, height) and returning the box; or None for the whole image.
       output_size: side of the output square in pixels.
       name: how error messages refer to the image.
 
@@ -151,6 +153,8 @@ def decode_crop(
             width, height = image.size
             if box is None:
                 box = (0.0, 0.0, float(width), float(height))
+            elif callable(box):
+                box = box(width, height)
             left, top, right, bottom = box
             crop_width = right - left
             crop_height = bottom - top

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import grain
 import numpy as np
-from absl import logging
+from absl import flags, logging
 
 from aqhash_jax.data import images as images_lib
 from aqhash_jax.data.sources import ImageSplit
@@ -91,6 +91,14 @@ def _per_host_batch_size(global_batch_size: int, shard_count: int) -> int:
     return global_batch_size // shard_count
 
 
+def _check_crop_fits(image_size: int, resize_size: int) -> None:
+    if image_size > resize_size:
+        raise ValueError(
+            f"image_size {image_size} is larger than resize_size {resize_size}; the centre crop "
+            "must fit inside the resized image, so set resize_size >= image_size"
+        )
+
+
 def _read_options(read_threads: int, prefetch: int) -> grain.ReadOptions:
     threads = read_threads if read_threads > 0 else min(4, os.cpu_count() or 1)
     buffer = prefetch if prefetch > 0 else 2 * threads
@@ -103,6 +111,10 @@ def _finish(dataset: grain.MapDataset, *, worker_count: int, worker_buffer_size:
         raise ValueError(f"worker_count must be >= 0, got {worker_count}")
     iterable = dataset.to_iter_dataset(_read_options(read_threads, prefetch))
     if worker_count > 0:
+        # grain 0.2 worker processes read absl flags, which raise before parsing; programs
+        # that are not absl apps (scripts, notebooks, pytest) have not parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         iterable = iterable.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
         )
@@ -125,9 +137,8 @@ def _decode_or_mask(record: dict[str, Any], box_fn, image_size: int, strict: boo
         data = record["image"]
         if isinstance(data, (bytes, bytearray)) and not data:
             raise images_lib.ImageDecodeError(f"cannot decode image {path}: no bytes were read")
-        box = box_fn(data)
-        return images_lib.decode_crop(data, box, image_size, name=path), True
-    except images_lib.DECODE_ERRORS as error:
+        return images_lib.decode_crop(data, box_fn, image_size, name=path), True
+    except images_lib.ImageDecodeError as error:
         if strict:
             raise
         _record_decode_failure(path, error)
@@ -154,8 +165,7 @@ class TrainPreprocess(grain.transforms.RandomMap):
     strict: bool = False
 
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-        def box_fn(data):
-            width, height = images_lib.image_size(data)
+        def box_fn(width, height):
             return images_lib.random_resized_crop_box(
                 width, height, rng, scale=tuple(self.crop_scale), ratio=tuple(self.crop_ratio)
             )
@@ -180,8 +190,7 @@ class EvalPreprocess(grain.transforms.Map):
     strict: bool = False
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
-        def box_fn(data):
-            width, height = images_lib.image_size(data)
+        def box_fn(width, height):
             return images_lib.center_crop_box(width, height, self.image_size, self.resize_size)
 
         pixels, valid = _decode_or_mask(element, box_fn, self.image_size, self.strict)
@@ -294,6 +303,7 @@ def make_train_loader(
         dataset = dataset.random_map(transform, seed=int(seed))
     else:
         resize = resize_size if resize_size is not None else int(round(image_size / 0.875))
+        _check_crop_fits(image_size, _check_positive("resize_size", resize))
         dataset = dataset.map(EvalPreprocess(image_size, resize, flip=False, strict=split.strict))
 
     # Slice after the random map so augmentation draws follow global stream positions.
@@ -396,6 +406,7 @@ def make_eval_loader(
     """
     image_size = _check_positive("image_size", image_size)
     resize_size = _check_positive("resize_size", resize_size)
+    _check_crop_fits(image_size, resize_size)
     if len(split) == 0:
         raise ValueError(f"split {split.name!r} is empty")
     mean_array, std_array = _check_normalization(mean, std)
