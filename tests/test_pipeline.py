@@ -217,8 +217,8 @@ def test_eval_host_shards_cover_once(tmp_path):
         batches = list(_eval_loader(splits.query, shard_index=shard_index, shard_count=2))
         counts.append(len(batches))
         index = np.concatenate([b["index"][b["mask"]] for b in batches])
-        held = pipeline.eval_shard_indices(len(splits.query), 8, shard_index, 2)
-        np.testing.assert_array_equal(index, held)
+        expected_rows = pipeline.eval_shard_indices(len(splits.query), 8, shard_index, 2)
+        np.testing.assert_array_equal(index, expected_rows)
         seen.append(index)
     assert counts[0] == counts[1] == 2
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(12))

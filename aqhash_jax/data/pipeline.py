@@ -337,8 +337,8 @@ def eval_shard(num_records: int, global_batch_size: int, shard_index: int, shard
     """Return the contiguous rows one host evaluates and its padded length.
 
     Every host runs ceil(num_records / global_batch_size) batches of
-    global_batch_size / shard_count records and takes the next contiguous slice of
-    num_batches * per-host batch rows; the tail of the last slices is padding.
+    global_batch_size / shard_count records. Host h takes the h-th contiguous slice of
+    num_batches * per-host batch rows, and the rows past the end of the split are padding.
     """
     per_host = _per_host_batch_size(global_batch_size, shard_count)
     if not 0 <= shard_index < shard_count:
@@ -351,7 +351,7 @@ def eval_shard(num_records: int, global_batch_size: int, shard_index: int, shard
 
 
 def eval_shard_indices(num_records: int, global_batch_size: int, shard_index: int, shard_count: int) -> np.ndarray:
-    """Return the split rows (int64 [m]) that host `shard_index` holds in evaluation."""
+    """Return the split rows (int64 [m]) that host `shard_index` reads in evaluation."""
     shard = eval_shard(num_records, global_batch_size, shard_index, shard_count)
     return np.arange(shard.start, shard.stop, dtype=np.int64)
 
@@ -399,9 +399,10 @@ def make_eval_loader(
 ) -> grain.IterDataset:
     """Build the evaluation loader of one host: one pass over its rows, in order.
 
-    The host's rows are given by `eval_shard_indices`; every host yields the same number of
-    batches of `global_batch_size / shard_count` rows, and padding rows have mask False and
-    index -1. With `flip=True` batches also carry "image_flipped", the mirrored view.
+    `eval_shard_indices` gives the host's rows. Every host yields the same number of
+    batches of `global_batch_size / shard_count` rows, so the padding rows (mask False,
+    index -1) fill the last batches. With `flip=True` batches also carry "image_flipped",
+    the mirrored view.
     Other arguments are as in `make_train_loader`.
     """
     image_size = _check_positive("image_size", image_size)

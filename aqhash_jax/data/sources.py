@@ -954,9 +954,9 @@ def carve_validation(
     clipped = 0
     for stratum in np.unique(strata):
         rows = np.flatnonzero(strata == stratum)
-        wanted = int(round(fraction * rows.size)) if fraction else per_class
-        take = min(wanted, rows.size - 1)
-        clipped += take < wanted
+        requested = int(round(fraction * rows.size)) if fraction else per_class
+        take = min(requested, rows.size - 1)
+        clipped += take < requested
         if take > 0:
             validation_rows.append(rng.choice(rows, size=take, replace=False))
     if clipped:
