@@ -7,8 +7,8 @@ Two formulations give identical int32 distances:
   integer for code lengths up to 2**24.
 "auto" picks popcount on the CPU backend and matmul on GPU and TPU, whose matrix units are faster.
 
-Every driver here processes the query set in chunks of `chunk_size` rows, so device memory holds at
-most one [chunk_size, num_db] distance block at a time. Each chunk is sharded on its query axis over
+Every driver here processes the query set in chunks of `chunk_size` rows, and each step builds one
+[chunk_size, num_db] distance block, so memory is bounded by the chunk, not the query set. Each chunk is sharded on its query axis over
 all of `jax.devices()` (a one-axis Mesh with NamedSharding) while the database is replicated, and
 the query set is padded to a multiple of the chunk size, which is itself a multiple of the device
 count. Only per-query results (histograms, top-k lists, sums) come back to the host.
@@ -324,8 +324,8 @@ def hamming_topk(
 def _histogram_block(distance: jax.Array, relevant: jax.Array, code_length: int) -> tuple[jax.Array, jax.Array]:
     """Return int32 [chunk, code_length + 1] counts and relevant counts per Hamming distance.
 
-    One bincount over (row, relevance, distance) bins; on CPU it measured about 20 times faster than
-    summing a one-hot comparison.
+    One bincount over (row, relevance, distance) bins. On a 2-core AMD EPYC CPU (16 queries x 1M items,
+    64 bits) it ran 19 times faster than summing a one-hot comparison.
     """
     rows = distance.shape[0]
     bins = code_length + 1

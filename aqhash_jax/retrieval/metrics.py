@@ -12,7 +12,7 @@ Two ranking modes:
   whole database by a stable sort on distance (ties in database order, no item dropped), and AP,
   AP@k, precision@k and recall@k are read from that order. Use it to compare with published
   numbers; its results depend on database order. The per-query precision sums run on device in
-  float32 (pairwise, relative error about log2(num_db) * 6e-8).
+  float32 with pairwise summation (relative error estimated at log2(num_db) * 6e-8).
 
 Shared conventions (both modes):
 - Relevance: single labels are relevant when equal; multi-hot labels when they share any label.
