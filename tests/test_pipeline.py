@@ -163,6 +163,14 @@ def test_train_host_shards_interleave_single_host_stream(tmp_path):
     np.testing.assert_array_equal(host0, single[0::2])
 
 
+def test_default_shards_from_jax_process(tmp_path):
+    splits = _splits(_tree(tmp_path))
+    loader = pipeline.make_train_loader(
+        splits.train, global_batch_size=4, image_size=SIZE, mean=MEAN, std=STD, seed=0, num_epochs=1
+    )
+    assert len(list(loader)) == 5
+
+
 def test_train_batch_must_divide_hosts(tmp_path):
     splits = _splits(_tree(tmp_path))
     with pytest.raises(ValueError, match="not divisible by the 3 hosts"):
@@ -178,11 +186,15 @@ def test_train_rejects_bad_normalization(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_with_worker_processes_matches_in_process(tmp_path):
+def test_worker_processes_match_in_process(tmp_path):
     splits = _splits(_tree(tmp_path))
     in_process = list(_train_loader(splits.train, num_epochs=1))
     with_workers = list(_train_loader(splits.train, num_epochs=1, worker_count=2))
     _assert_batches_equal(with_workers, in_process)
+
+    eval_in_process = list(_eval_loader(splits.query, global_batch_size=4))
+    eval_with_workers = list(_eval_loader(splits.query, global_batch_size=4, worker_count=2))
+    _assert_batches_equal(eval_with_workers, eval_in_process)
 
 
 def test_eval_pads_last_batch_and_keeps_order(tmp_path):

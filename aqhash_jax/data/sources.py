@@ -79,7 +79,11 @@ class TfdsNotPreparedError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TfdsImageGetter:
-    """Callable returning the encoded image bytes of one row of a TFDS data source."""
+    """Callable returning the encoded image bytes of one row of a TFDS data source.
+
+    NOTE: worker processes (worker_count > 0) receive the TFDS source by pickling. Only a
+    picklable stand-in source is tested here, not a prepared array-record dataset.
+    """
 
     source: Any
     row: int
