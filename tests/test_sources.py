@@ -206,6 +206,14 @@ def test_image_folder_missing_split(tmp_path):
         sources.load_image_folder(tmp_path, ["val"])
 
 
+def test_missing_root_names_layout(tmp_path):
+    missing = tmp_path / "absent"
+    with pytest.raises(sources.DataLayoutError, match="absent does not exist.*<root>/<split>/<class>"):
+        sources.load_image_folder(missing, ["train"])
+    with pytest.raises(sources.DataLayoutError, match="absent does not exist.*'<path> <label>'"):
+        sources.load_list_files(missing, ["train"])
+
+
 def test_image_folder_class_list_is_union(tmp_path):
     _write_image_folder(tmp_path, classes=("a", "b"), counts={"train": 1})
     _write_image_folder(tmp_path, classes=("b", "c"), counts={"test": 1})
