@@ -28,6 +28,7 @@ CASES = [
 ]
 
 
+@jax.jit(static_argnums=(3, 4, 5))
 def _reference(x, kernel, bias, strides, groups, padding):
     """Compute the convolution directly with lax, padding resolved the way the layer documents."""
     if isinstance(padding, str) and padding.upper() == "TF_SAME":
@@ -46,88 +47,123 @@ def _reference(x, kernel, bias, strides, groups, padding):
     return y + bias
 
 
-def _build(case, impl, dtype):
-    _, shape, features, kernel, strides, groups, padding = case
-    module = Conv(
-        features,
-        kernel_size=(kernel, kernel),
-        strides=(strides, strides),
-        padding=padding,
-        feature_group_count=groups,
-        dtype=dtype,
-        impl=impl,
-        bias_init=nn.initializers.normal(0.5),
-    )
-    x = jax.random.normal(jax.random.key(1), shape, jnp.float32).astype(dtype)
-    variables = module.init(jax.random.key(0), x)
-    return module, variables, x
+def _hashable(padding):
+    if isinstance(padding, (str, int)):
+        return padding
+    return tuple(tuple(pair) for pair in padding)
 
 
-@pytest.mark.parametrize("impl", ["native", "fast"])
+def _modules(case, dtype):
+    _, _, features, kernel, strides, groups, padding = case
+    return {
+        impl: Conv(
+            features,
+            kernel_size=(kernel, kernel),
+            strides=(strides, strides),
+            padding=padding,
+            feature_group_count=groups,
+            dtype=dtype,
+            impl=impl,
+            bias_init=nn.initializers.normal(0.5),
+        )
+        for impl in ("native", "fast")
+    }
+
+
+def _inputs(case):
+    shape = case[1]
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(shape, np.float32))
+    variables = jax.jit(_modules(case, jnp.float32)["native"].init)(jax.random.key(0), x)
+    return variables, x
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_conv_matches_lax_float32(case, impl):
-    module, variables, x = _build(case, impl, jnp.float32)
+def test_conv_impls_match_lax(case):
     _, _, _, _, strides, groups, padding = case
-    params = variables["params"]
+    variables, x = _inputs(case)
+    f32 = _modules(case, jnp.float32)
+    bf16 = _modules(case, jnp.bfloat16)
 
-    got = module.apply(variables, x)
-    want = _reference(x, params["kernel"], params["bias"], strides, groups, padding)
+    # One jit per case keeps the number of XLA compilations (the bulk of the run time) small.
+    @jax.jit
+    def run(variables, x):
+        params = variables["params"]
+        rounded = jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params)
+        x_rounded = x.astype(jnp.bfloat16).astype(jnp.float32)
+        return {
+            "want_f32": _reference(
+                x, params["kernel"], params["bias"], strides, groups, _hashable(padding)
+            ),
+            "want_bf16": _reference(
+                x_rounded, rounded["kernel"], rounded["bias"], strides, groups, _hashable(padding)
+            ),
+            **{f"{impl}_f32": m.apply(variables, x) for impl, m in f32.items()},
+            **{
+                f"{impl}_bf16": m.apply(variables, x.astype(jnp.bfloat16))
+                for impl, m in bf16.items()
+            },
+        }
 
-    assert got.shape == want.shape
-    assert got.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    out = run(variables, x)
+    scale = float(jnp.max(jnp.abs(out["want_bf16"])))
 
-
-@pytest.mark.parametrize("impl", ["native", "fast"])
-@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_conv_matches_lax_bfloat16(case, impl):
-    module, variables, x = _build(case, impl, jnp.bfloat16)
-    _, _, _, _, strides, groups, padding = case
-    params = variables["params"]
-
-    got = module.apply(variables, x)
-    kernel = params["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
-    bias = params["bias"].astype(jnp.bfloat16).astype(jnp.float32)
-    want = _reference(x.astype(jnp.float32), kernel, bias, strides, groups, padding)
-
-    assert got.dtype == jnp.bfloat16
-    scale = float(jnp.max(jnp.abs(want)))
-    np.testing.assert_allclose(
-        np.asarray(got, np.float32), np.asarray(want), rtol=0, atol=0.02 * scale
-    )
+    for impl in ("native", "fast"):
+        got_f32 = out[f"{impl}_f32"]
+        got_bf16 = out[f"{impl}_bf16"]
+        assert got_f32.shape == out["want_f32"].shape, impl
+        assert got_f32.dtype == jnp.float32, impl
+        assert got_bf16.dtype == jnp.bfloat16, impl
+        np.testing.assert_allclose(
+            np.asarray(got_f32), np.asarray(out["want_f32"]), rtol=1e-5, atol=1e-5,
+            err_msg=f"{impl} float32",
+        )
+        np.testing.assert_allclose(
+            np.asarray(got_bf16, np.float32), np.asarray(out["want_bf16"]), rtol=0,
+            atol=0.02 * scale, err_msg=f"{impl} bfloat16",
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_conv_gradients_agree(case):
-    _, shape, features, kernel, strides, groups, padding = case
-    native, variables, x = _build(case, "native", jnp.float32)
-    fast, _, _ = _build(case, "fast", jnp.float32)
-    out_shape = jax.eval_shape(native.apply, variables, x).shape
-    cotangent = jax.random.normal(jax.random.key(2), out_shape)
+    variables, x = _inputs(case)
+    modules = _modules(case, jnp.float32)
+    out_shape = jax.eval_shape(modules["native"].apply, variables, x).shape
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal(out_shape, np.float32))
 
-    def loss(module, variables, x):
-        return jnp.sum(module.apply(variables, x) * cotangent)
+    @jax.jit
+    def grads(variables, x):
+        def loss(module, variables, x):
+            return jnp.sum(module.apply(variables, x) * cotangent)
 
-    grad_native = jax.grad(lambda v, x: loss(native, v, x), argnums=(0, 1))(variables, x)
-    grad_fast = jax.grad(lambda v, x: loss(fast, v, x), argnums=(0, 1))(variables, x)
+        return {
+            impl: jax.grad(lambda v, x: loss(m, v, x), argnums=(0, 1))(variables, x)
+            for impl, m in modules.items()
+        }
+
+    out = grads(variables, x)
 
     for name in ("kernel", "bias"):
         np.testing.assert_allclose(
-            np.asarray(grad_fast[0]["params"][name]),
-            np.asarray(grad_native[0]["params"][name]),
+            np.asarray(out["fast"][0]["params"][name]),
+            np.asarray(out["native"][0]["params"][name]),
             rtol=1e-4,
             atol=1e-4,
             err_msg=f"gradient of {name}",
         )
     np.testing.assert_allclose(
-        np.asarray(grad_fast[1]), np.asarray(grad_native[1]), rtol=1e-4, atol=1e-4
+        np.asarray(out["fast"][1]), np.asarray(out["native"][1]), rtol=1e-4, atol=1e-4,
+        err_msg="gradient of the input",
     )
 
 
 def test_conv_params_match_flax_conv():
     x = jnp.ones((1, 8, 8, 6))
-    ours = Conv(12, kernel_size=(3, 3), feature_group_count=3).init(jax.random.key(0), x)
-    theirs = nn.Conv(12, kernel_size=(3, 3), feature_group_count=3).init(jax.random.key(0), x)
+    ours = jax.eval_shape(
+        Conv(12, kernel_size=(3, 3), feature_group_count=3).init, jax.random.key(0), x
+    )
+    theirs = jax.eval_shape(
+        nn.Conv(12, kernel_size=(3, 3), feature_group_count=3).init, jax.random.key(0), x
+    )
 
     ours_shapes = jax.tree.map(jnp.shape, ours)
     theirs_shapes = jax.tree.map(jnp.shape, theirs)
@@ -136,17 +172,23 @@ def test_conv_params_match_flax_conv():
 
 
 def test_conv_same_matches_flax_conv_output():
-    x = jax.random.normal(jax.random.key(3), (2, 10, 10, 4))
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 10, 10, 4), np.float32))
     flax_conv = nn.Conv(8, kernel_size=(3, 3), strides=(2, 2), padding="SAME")
-    variables = flax_conv.init(jax.random.key(0), x)
+    variables = jax.jit(flax_conv.init)(jax.random.key(0), x)
+
+    @jax.jit
+    def run(variables, x):
+        outputs = {"flax": flax_conv.apply(variables, x)}
+        for impl in ("native", "fast"):
+            ours = Conv(8, kernel_size=(3, 3), strides=(2, 2), padding="SAME", impl=impl)
+            outputs[impl] = ours.apply(variables, x)
+        return outputs
+
+    out = run(variables, x)
 
     for impl in ("native", "fast"):
-        ours = Conv(8, kernel_size=(3, 3), strides=(2, 2), padding="SAME", impl=impl)
         np.testing.assert_allclose(
-            np.asarray(ours.apply(variables, x)),
-            np.asarray(flax_conv.apply(variables, x)),
-            rtol=1e-5,
-            atol=1e-5,
+            np.asarray(out[impl]), np.asarray(out["flax"]), rtol=1e-5, atol=1e-5, err_msg=impl
         )
 
 
@@ -161,7 +203,7 @@ def test_fast_impl_avoids_conv_op():
     x = jnp.ones((1, 8, 8, 12))
     for kernel, groups in ((1, 1), (3, 12)):
         module = Conv(12, kernel_size=kernel, feature_group_count=groups, impl="fast")
-        variables = module.init(jax.random.key(0), x)
+        variables = jax.eval_shape(module.init, jax.random.key(0), x)
         text = jax.jit(module.apply).lower(variables, x).as_text()
         assert "convolution" not in text, f"kernel {kernel}, groups {groups}"
 
@@ -180,22 +222,21 @@ def test_auto_impl_follows_backend_and_override():
 def test_conv_rejects_bad_arguments():
     x = jnp.ones((1, 8, 8, 6))
     with pytest.raises(ValueError, match="impl"):
-        Conv(4, kernel_size=3, impl="cudnn").init(jax.random.key(0), x)
+        jax.eval_shape(Conv(4, kernel_size=3, impl="cudnn").init, jax.random.key(0), x)
     with pytest.raises(ValueError, match="padding"):
-        Conv(4, kernel_size=3, padding="FULL").init(jax.random.key(0), x)
+        jax.eval_shape(Conv(4, kernel_size=3, padding="FULL").init, jax.random.key(0), x)
     with pytest.raises(ValueError, match="batch, H, W, C"):
-        Conv(4, kernel_size=3).init(jax.random.key(0), x[0])
+        jax.eval_shape(Conv(4, kernel_size=3).init, jax.random.key(0), x[0])
     with pytest.raises(ValueError, match="feature_group_count"):
-        Conv(4, kernel_size=3, feature_group_count=4).init(jax.random.key(0), x)
+        jax.eval_shape(Conv(4, kernel_size=3, feature_group_count=4).init, jax.random.key(0), x)
 
 
 def test_dense_matches_flax_dense():
-    x = jax.random.normal(jax.random.key(4), (3, 5, 7))
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 7), np.float32))
     theirs = nn.Dense(11)
-    variables = theirs.init(jax.random.key(0), x)
+    variables = jax.jit(theirs.init)(jax.random.key(0), x)
 
-    got = Dense(11).apply(variables, x)
+    got, want = jax.jit(lambda v, x: (Dense(11).apply(v, x), theirs.apply(v, x)))(variables, x)
 
-    np.testing.assert_allclose(
-        np.asarray(got), np.asarray(theirs.apply(variables, x)), rtol=1e-6, atol=1e-6
-    )
+    assert got.shape == (3, 5, 11)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
