@@ -704,8 +704,17 @@ def test_ssh_local_failure_stops_others(tmp_path):
 # Two processes training together through jax.distributed, as on two hosts.
 
 
+def shared_data_dir() -> Path:
+    """Return the shared real-image folder (AQHASH_SHARED_DATA overrides the default)."""
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(os.environ.get("AQHASH_SHARED_DATA", default))
+
+
 @pytest.mark.slow
 def test_two_local_processes_train(tmp_path):
+    data_root = shared_data_dir() / "flowers12"
+    if not data_root.is_dir():
+        pytest.skip(f"flowers12 image folder not found at {data_root}; set AQHASH_SHARED_DATA")
     workdir = tmp_path / "workdir"
     log_dir = tmp_path / "logs"
     result = run_script(
@@ -713,13 +722,16 @@ def test_two_local_processes_train(tmp_path):
         ["--local", "--hosts", "localhost localhost", "--config", "configs/tiny.py",
          "--workdir", str(workdir), "--remote-dir", str(REPO), "--python", sys.executable,
          "--log-dir", str(log_dir), "--port", str(20000 + os.getpid() % 20000),
-         "--env", "JAX_PLATFORMS=cpu"],
+         "--env", "JAX_PLATFORMS=cpu", f"--config.data.root={data_root}"],
         timeout=900,
     )
     logs = "\n".join(
         f"--- {path.name}\n{path.read_text()[-3000:]}" for path in sorted(log_dir.glob("*.log"))
     )
     assert result.returncode == 0, result.stderr + logs
+    for process_id in range(2):
+        log_text = (log_dir / f"process_{process_id}.log").read_text()
+        assert f"process {process_id} of 2" in log_text, logs
     assert (workdir / "metrics.json").is_file(), logs
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics, "metrics.json is empty"
