@@ -306,6 +306,8 @@ create_vm() {
 }
 
 install_project() {
+  # NOTE: packages go into the workers' system Python with pip, as on the Ubuntu 22.04 TPU images.
+  # An image whose Python rejects pip installs (PEP 668) needs --python pointing to a venv.
   local remote_dir_q pip_install extra_packages
   remote_dir_q=$(aq_quote "$REMOTE_DIR")
   read -r -a extra_packages <<<"$EXTRA_PACKAGES"
