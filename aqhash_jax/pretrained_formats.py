@@ -7,10 +7,11 @@ Two formats are read:
   Both are flat archives whose keys are "/"-joined Flax parameter paths. The vision_transformer
   layout uses `Transformer/posembed_input/pos_embedding` (with a first row for the class token when
   the model has one) and blocks named `LayerNorm_0`, `MultiHeadDotProductAttention_1`,
-  `LayerNorm_2`, `MlpBlock_3`. The big_vision layout prefixes every key with `params/`, stores the
-  position embedding of the patches only at `params/pos_embedding` (the class token gets none),
-  names blocks `LayerNorm_0`, `MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`, and
-  stacks all blocks on a leading axis under `Transformer/encoderblock` when the model was scanned.
+  `LayerNorm_2`, `MlpBlock_3`. The big_vision layout prefixes every key with `params/` and stores
+  the position embedding of the patches only, at `params/pos_embedding`, because the class token
+  gets none. Its blocks are named `LayerNorm_0`, `MultiHeadDotProductAttention_0`, `LayerNorm_1`,
+  `MlpBlock_0`, and a scanned model stacks all blocks on a leading axis under
+  `Transformer/encoderblock`.
 - torchvision ResNet-50 state dicts (`.pth`, as saved for `ResNet50_Weights.IMAGENET1K_V1`), read
   without PyTorch by `aqhash_jax.torch_checkpoint.load_torch_state_dict`.
 
@@ -495,22 +496,68 @@ def load_backbone_weights(
     return load_resnet50_torch(path, template)
 
 
+def checkpoint_image_size(path: str | os.PathLike, backbone: str, patch_size: int | None = None) -> int:
+    """Return the image side in pixels that a ViT `.npz` checkpoint's position embedding encodes.
+
+    The side is the checkpoint's (square) patch grid times the patch size of `backbone`, or
+    `patch_size` when given.
+    """
+    from aqhash_jax.models import vit
+
+    path = _check_file(path, VIT_DOWNLOAD_HINT)
+    with np.load(path, allow_pickle=False) as archive:
+        key = _POSEMB_PATH if _POSEMB_PATH in archive.files else "params/pos_embedding"
+        if key not in archive.files:
+            raise ValueError(f"{str(path)!r} has no position embedding; is it a ViT checkpoint?")
+        _, grid = split_position_embedding(archive[key])
+
+    variant_patch = vit.VIT_VARIANTS[backbone.removeprefix("vit_")][3]
+    return grid.shape[0] * (patch_size if patch_size is not None else variant_patch)
+
+
+def load_for_registry(
+    name: str, source: str, image_size: int | tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """Load weights for `aqhash_jax.pretrained.resolve_init`: loader(name, source[, image_size]).
+
+    `source` must be a checkpoint path, because no ViT or ResNet-50 weights ship with a package.
+    For a ViT without `image_size` the position embedding keeps the checkpoint's own grid.
+    """
+    from aqhash_jax.models import backbones
+
+    family = backbones.backbone_family(name)
+    hint = VIT_DOWNLOAD_HINT if family == "vit" else RESNET_DOWNLOAD_HINT
+    if source == "imagenet":
+        raise FileNotFoundError(
+            f"No packaged ImageNet weights for {name!r}; set init to the checkpoint file path. {hint}"
+        )
+    if family == "vit" and image_size is None:
+        image_size = checkpoint_image_size(source, name)
+    return load_backbone_weights(source, name, image_size=image_size or 224)
+
+
 def register_formats() -> None:
     """Register the ViT and ResNet-50 loaders with `aqhash_jax.pretrained.register_loader`.
 
-    Each loader is registered under its family name ("vit", "resnet") as `load_backbone_weights`,
-    called as loader(path, backbone, image_size=..., include_top=..., **backbone_kwargs).
+    The loaders are registered under the families "vit" and "resnet" with the registry's calling
+    convention loader(name, source), plus an optional image_size for ViT position embeddings.
+    Importing this module registers them.
     """
     from aqhash_jax import pretrained
 
     for family in CHECKPOINT_SUFFIXES:
-        pretrained.register_loader(family, load_backbone_weights)
+        pretrained.register_loader(family, load_for_registry)
+
+
+register_formats()
 
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
+    "checkpoint_image_size",
     "detect_vit_layout",
     "load_backbone_weights",
+    "load_for_registry",
     "register_formats",
     "load_resnet50_torch",
     "load_vit_npz",

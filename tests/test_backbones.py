@@ -9,8 +9,7 @@ import pytest
 
 from aqhash_jax.models import backbones
 
-# (name, image size) -> expected (feature map shapes without batch, pooled width).
-CNN_WIDTHS = {"resnet50": (1024, 2048)}
+# Width D of each ViT variant.
 VIT_WIDTHS = {"vit_ti16": 192, "vit_s16": 384, "vit_b16": 768, "vit_l16": 1024}
 
 
@@ -19,8 +18,10 @@ def _shapes(name, image_size, include_top=False, **kwargs):
         name, include_top=include_top, image_size=image_size, **kwargs
     )
     images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(module.init, jax.random.key(0), images)
-    return jax.eval_shape(module.apply, variables, images)
+    variables = jax.eval_shape(
+        lambda key, x: module.init(key, x, train=False), jax.random.key(0), images
+    )
+    return jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables, images)
 
 
 def test_backbone_names_and_families():
@@ -113,7 +114,8 @@ def test_input_normalization_values():
     mean, std = backbones.input_normalization("resnet50")
     vit_mean, vit_std = backbones.input_normalization("vit_b16")
 
-    assert mean.dtype == np.float32 and mean.shape == (3,)
+    assert mean.dtype == np.float32
+    assert mean.shape == (3,)
     np.testing.assert_allclose(mean, [123.675, 116.28, 103.53], rtol=1e-6)
     np.testing.assert_allclose(std, [58.395, 57.12, 57.375], rtol=1e-6)
     np.testing.assert_allclose(vit_mean, [127.5] * 3)
@@ -121,6 +123,7 @@ def test_input_normalization_values():
     for name in backbones.EFFICIENTNET_NAMES:
         efficientnet_mean, efficientnet_std = backbones.input_normalization(name)
         assert efficientnet_mean.shape == (3,)
+        assert efficientnet_std.shape == (3,)
         assert np.all(efficientnet_std > 0)
 
 

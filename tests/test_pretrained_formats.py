@@ -452,3 +452,51 @@ def test_load_backbone_weights_rejects_other_families(tmp_path):
         pretrained_formats.load_backbone_weights(tmp_path / "w.pth", "efficientnet_lite0")
     with pytest.raises(ValueError, match="Unknown backbone"):
         pretrained_formats.load_backbone_weights(tmp_path / "w.pth", "resnet101")
+
+
+def test_resolve_init_reads_vit_npz(tmp_path):
+    from aqhash_jax import pretrained
+
+    model = vit.VisionTransformer("ti16", image_size=32)
+    arrays = _random_vit_arrays(model, 32)
+    path = _save_npz(tmp_path / "ViT-Ti_16.npz", arrays)
+
+    variables = pretrained.resolve_init(str(path), backbone="vit_ti16")
+    flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+
+    assert sorted(flat) == sorted(arrays)
+    for key, value in arrays.items():
+        np.testing.assert_array_equal(flat[key], value, err_msg=key)
+    assert pretrained_formats.checkpoint_image_size(path, "vit_ti16") == 32
+
+
+def test_resolve_init_reads_resnet_pth(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch.save writes the test's .pth file")
+    from aqhash_jax import pretrained
+
+    state = _torchvision_state_dict()
+    path = tmp_path / "resnet50.pth"
+    torch.save({key: torch.from_numpy(np.asarray(value)) for key, value in state.items()}, path)
+
+    variables = pretrained.resolve_init(str(path), backbone="resnet50")
+
+    np.testing.assert_array_equal(
+        variables["params"]["layer4_0"]["conv3"]["kernel"],
+        state["layer4.0.conv3.weight"].transpose(2, 3, 1, 0),
+    )
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["layer2_3"]["bn1"]["var"], state["layer2.3.bn1.running_var"]
+    )
+    assert "fc" not in variables["params"]
+
+
+@pytest.mark.parametrize(
+    "backbone, source_hint", [("vit_b16", "gs://vit_models"), ("resnet50", "IMAGENET1K_V1")]
+)
+def test_registry_loader_imagenet_names_weight_source(backbone, source_hint):
+    from aqhash_jax import pretrained
+
+    assert "vit" in pretrained.registered_families()
+    assert "resnet" in pretrained.registered_families()
+    with pytest.raises(FileNotFoundError, match=source_hint):
+        pretrained_formats.load_for_registry(backbone, "imagenet")

@@ -23,7 +23,7 @@ BACKBONE_NAMES = EFFICIENTNET_NAMES + RESNET_NAMES + VIT_NAMES
 
 # Keyword arguments each family accepts in create_backbone besides the common ones.
 _FAMILY_KWARGS = {
-    "efficientnet": ("num_classes",),
+    "efficientnet": ("num_classes", "drop_path_rate", "dropout_rate"),
     "resnet": ("num_classes",),
     "vit": (
         "num_classes",
@@ -69,7 +69,8 @@ def create_backbone(
       include_top: whether to add the ImageNet classifier and return "logits".
       image_size: input side in pixels or (height, width). The convolutional backbones accept any
         size and ignore it; a ViT needs it because its position embedding has one row per patch.
-      **kwargs: `num_classes` for every family; for ViT also `patch_size`, `use_class_token` and
+      **kwargs: `num_classes` for every family; `drop_path_rate` and `dropout_rate` for
+        EfficientNet-Lite; for ViT also `patch_size`, `use_class_token` and
         the size overrides `hidden_size`, `num_layers`, `num_heads`, `mlp_dim`.
 
     Raises ValueError for an unknown name or a keyword the family does not accept.
@@ -120,14 +121,17 @@ def input_normalization(name: str) -> tuple[np.ndarray, np.ndarray]:
         mean, std = resnet.IMAGENET_MEAN, resnet.IMAGENET_STD
     else:
         mean, std = vit.VIT_MEAN, vit.VIT_STD
-    return np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
+    # efficientnet.input_normalization returns one scalar for all three channels.
+    mean = np.broadcast_to(np.asarray(mean, dtype=np.float32), (3,)).copy()
+    std = np.broadcast_to(np.asarray(std, dtype=np.float32), (3,)).copy()
+    return mean, std
 
 
 def feature_strides(name: str, patch_size: int | None = None) -> tuple[int, ...]:
     """Return the stride in pixels of each entry of "feature_maps" for backbone `name`.
 
-    The convolutional backbones return their stride-16 and stride-32 stages; a ViT returns one map
-    whose stride is its patch size (`patch_size` overrides the variant's, as in create_backbone).
+    The convolutional backbones return their stride-16 and stride-32 stages. A ViT returns one map
+    whose stride is its patch size, and `patch_size` overrides the variant's as in create_backbone.
     """
     family = backbone_family(name)
     if family == "vit":

@@ -1,9 +1,10 @@
 """ResNet-50 in the torchvision v1.5 layout, returning its stride-16 and stride-32 stages.
 
 The layout follows torchvision's `resnet50` (He et al., "Deep Residual Learning for Image
-Recognition", 2016, with the stride of each downsampling bottleneck on its 3x3 convolution, the
-"v1.5" variant): a 7x7/2 stem convolution, batch norm, ReLU and 3x3/2 max pooling, then four
-stages of 3, 4, 6 and 3 bottleneck blocks of widths 64, 128, 256 and 512 (outputs 4x wider).
+Recognition", 2016). As in torchvision's "v1.5" variant, each downsampling bottleneck has its
+stride on the 3x3 convolution. The stem is a 7x7/2 convolution, batch norm, ReLU and 3x3/2 max
+pooling. Four stages follow, of 3, 4, 6 and 3 bottleneck blocks of widths 64, 128, 256 and 512
+(outputs 4x wider).
 Batch norm uses epsilon 1e-5 and keeps running averages with momentum 0.9 (torchvision's 0.1
 update weight).
 

@@ -1,9 +1,9 @@
 """Vision Transformer in the parameter layout of google-research/vision_transformer.
 
-The model is the ViT of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021): a
-strided patch embedding, an optional class token, learned position embeddings, pre-norm encoder
-blocks (LayerNorm, multi-head self-attention, residual, LayerNorm, GELU MLP of 4x width,
-residual) and a final LayerNorm. Parameter names and shapes follow the released checkpoints of
+The model is the ViT of Dosovitskiy et al., "An Image is Worth 16x16 Words" (ICLR 2021). It has
+a strided patch embedding, an optional class token and learned position embeddings. Pre-norm
+encoder blocks follow (LayerNorm, multi-head self-attention, residual, LayerNorm, GELU MLP of 4x
+width, residual), then a final LayerNorm. Parameter names and shapes follow the released checkpoints of
 google-research/vision_transformer (`embedding`, `cls`, `Transformer/posembed_input/
 pos_embedding`, `Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1/query` with kernel
 [D, heads, head_dim], `MlpBlock_3/Dense_0`, `Transformer/encoder_norm`, `head`), so
@@ -198,6 +198,41 @@ class EncoderBlock(nn.Module):
         return x + y
 
 
+class PositionEmbedding(nn.Module):
+    """Learned additive position embedding `pos_embedding` [1, tokens, D]."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        posemb = self.param(
+            "pos_embedding",
+            nn.initializers.normal(stddev=0.02),
+            (1, tokens.shape[1], tokens.shape[2]),
+            jnp.float32,
+        )
+        return tokens + posemb.astype(self.dtype)
+
+
+class Transformer(nn.Module):
+    """`posembed_input`, `depth` blocks `encoderblock_{i}` and the final LayerNorm `encoder_norm`."""
+
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Encode tokens [batch, N, D] (class token first, if any); return [batch, N, D]."""
+        x = PositionEmbedding(dtype=self.dtype, name="posembed_input")(tokens)
+        for index in range(self.depth):
+            x = EncoderBlock(
+                self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"encoderblock_{index}"
+            )(x)
+        return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x)
+
+
 class VisionTransformer(nn.Module):
     """ViT backbone returning its patch tokens on their grid.
 
@@ -299,49 +334,17 @@ class VisionTransformer(nn.Module):
         return outputs
 
 
-class PositionEmbedding(nn.Module):
-    """Learned additive position embedding `pos_embedding` [1, tokens, D]."""
-
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        posemb = self.param(
-            "pos_embedding",
-            nn.initializers.normal(stddev=0.02),
-            (1, tokens.shape[1], tokens.shape[2]),
-            jnp.float32,
-        )
-        return tokens + posemb.astype(self.dtype)
-
-
-class Transformer(nn.Module):
-    """`posembed_input`, `depth` blocks `encoderblock_{i}` and the final LayerNorm `encoder_norm`."""
-
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, tokens: jax.Array) -> jax.Array:
-        """Encode tokens [batch, N, D] (class token first, if any); return [batch, N, D]."""
-        x = PositionEmbedding(dtype=self.dtype, name="posembed_input")(tokens)
-        for index in range(self.depth):
-            x = EncoderBlock(
-                self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"encoderblock_{index}"
-            )(x)
-        return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=self.dtype, name="encoder_norm")(x)
-
-
 __all__ = [
+    "MLP_RATIO",
     "VIT_MEAN",
     "VIT_STD",
     "VIT_VARIANTS",
     "EncoderBlock",
     "MlpBlock",
     "PatchEmbedding",
+    "PositionEmbedding",
     "SelfAttention",
+    "Transformer",
     "VisionTransformer",
     "grid_shape",
     "patchify",
