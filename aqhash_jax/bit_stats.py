@@ -173,8 +173,12 @@ def bit_statistics(
     }
 
 
-def format_bit_statistics(stats: dict[str, Any]) -> str:
-    """Return a fixed-width table of `bit_statistics` output, one line per bit, and a summary."""
+def format_bit_statistics(stats: dict[str, Any], max_pairs: int = 12) -> str:
+    """Return a fixed-width table of `bit_statistics` output, one line per bit, and a summary.
+
+    The summary lists at most `max_pairs` duplicated pairs, because a collapsed code can have
+    K * (K - 1) / 2 of them.
+    """
     lines = [
         f"bit statistics over {stats['num_codes']} codes of {stats['code_length']} bits",
         f"{'bit':>4} {'+1':>7} {'-1':>7} {'entropy':>8} {'max|corr|':>9} {'partner':>7}  flags",
@@ -187,13 +191,28 @@ def format_bit_statistics(stats: dict[str, Any]) -> str:
             f"{bit['bit']:>4} {bit['positive_fraction']:>7.3f} {bit['negative_fraction']:>7.3f} "
             f"{bit['entropy_bits']:>8.3f} {max_abs:>9} {partner:>7}  {' '.join(flags)}"
         )
+    pairs = [pair[:2] for pair in stats["duplicate_pairs"]]
+    shown_pairs = ", ".join(f"{first}-{second}" for first, second in pairs[:max_pairs])
+    if len(pairs) > max_pairs:
+        shown_pairs += f" and {len(pairs) - max_pairs} more (see the JSON file)"
+    lines.append(f"mean entropy {stats['mean_entropy_bits']:.3f} bits")
+    lines.append(f"unused bits (majority share > {stats['unused_threshold']:g}): {stats['unused_bits'] or 'none'}")
     lines.append(
-        f"mean entropy {stats['mean_entropy_bits']:.3f} bits; "
-        f"unused bits (majority share > {stats['unused_threshold']:g}): {stats['unused_bits'] or 'none'}; "
-        f"duplicated pairs (|corr| > {stats['duplicate_threshold']:g}): "
-        f"{[pair[:2] for pair in stats['duplicate_pairs']] or 'none'}"
+        f"duplicated pairs (|corr| > {stats['duplicate_threshold']:g}): {len(pairs)}"
+        + (f": {shown_pairs}" if pairs else "")
     )
     return "\n".join(lines)
+
+
+def _default_file_mode() -> int:
+    """Return 0o666 minus the process umask, the mode that open() gives a new file.
+
+    NamedTemporaryFile creates its file with mode 0o600, which would make the output unreadable
+    to other users.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_bit_statistics(path: str | os.PathLike, stats: dict[str, Any]) -> None:
@@ -209,6 +228,7 @@ def write_bit_statistics(path: str | os.PathLike, stats: dict[str, Any]) -> None
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, _default_file_mode())
         os.replace(handle.name, path)
     except BaseException:
         if os.path.exists(handle.name):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -145,7 +147,28 @@ def test_table_lists_flags():
     table = bit_stats.format_bit_statistics(bit_stats.bit_statistics(_constructed_codes()))
     lines = table.splitlines()
 
-    assert len(lines) == 2 + 5 + 1
+    assert len(lines) == 2 + 5 + 3
     assert lines[3].split()[-1] == "unused"
     assert lines[4].split()[-1] == "duplicated"
-    assert "unused bits (majority share > 0.95): [1]" in lines[-1]
+    assert lines[-2] == "unused bits (majority share > 0.95): [1]"
+    assert lines[-1] == "duplicated pairs (|corr| > 0.95): 3: 0-2, 0-3, 2-3"
+
+
+def test_table_shortens_pair_list():
+    codes = np.repeat(np.array([[1], [-1], [1], [-1]], dtype=np.int8), 6, axis=1)
+    table = bit_stats.format_bit_statistics(bit_stats.bit_statistics(codes), max_pairs=4)
+
+    assert table.splitlines()[-1] == (
+        "duplicated pairs (|corr| > 0.95): 15: 0-1, 0-2, 0-3, 0-4 and 11 more (see the JSON file)"
+    )
+
+
+def test_written_file_mode_follows_umask(tmp_path):
+    path = tmp_path / "bit_stats.json"
+    previous = os.umask(0o022)
+    try:
+        bit_stats.write_bit_statistics(path, bit_stats.bit_statistics(_constructed_codes()))
+    finally:
+        os.umask(previous)
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
