@@ -179,6 +179,7 @@ class Trainer:
         self.optimizer, self.schedule = make_optimizer(
             config.optim, params, total_steps=self.plan.total_steps,
             steps_per_outer_iteration=self.plan.steps_per_iteration,
+            backbone_name=config.model.backbone,
         )
         num_loss_bits = self.model.num_loss_bits
         if config.loss.objective == "adsh":
@@ -195,7 +196,7 @@ class Trainer:
             params=params,
             batch_stats=batch_stats,
             opt_state=self.optimizer.init(params),
-            rng=np.asarray(jax.random.key_data(state_rng)) if jnp.issubdtype(state_rng.dtype, jax.dtypes.prng_key) else np.asarray(state_rng),
+            rng=np.asarray(state_rng),
             code_matrix=code_matrix,
             sample_codes=sample_codes,
         )

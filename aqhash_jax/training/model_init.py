@@ -95,7 +95,9 @@ def backbone_variables(config: Any, rng: jax.Array) -> dict:
 
     from aqhash_jax.models import pretrained
 
-    loaded = pretrained.resolve_init(init)
+    loaded = pretrained.resolve_init(init, config.model.backbone)
+    if loaded is None:
+        return random_variables
     loaded = jax.device_get(dict(loaded))
     _check_same_structure(random_variables, loaded, init)
     logging.info("backbone %s: weights from %s", config.model.backbone, init)

@@ -24,10 +24,10 @@ _STAGE_PATTERNS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], int]], .
     # ResNet (torchvision layout): conv1/bn1 stem, layer1_* ... layer4_*.
     (re.compile(r"^(conv1|bn1)$"), lambda m: 0),
     (re.compile(r"^layer(\d+)_\d+$"), lambda m: int(m.group(1))),
-    # EfficientNet: stem conv and norm, then blocks named by stage.
-    (re.compile(r"^stem.*$"), lambda m: 0),
-    (re.compile(r"^stage(\d+)(_\d+)?$"), lambda m: int(m.group(1))),
-    (re.compile(r"^blocks?_(\d+)_\d+$"), lambda m: int(m.group(1)) + 1),
+    # EfficientNet: stem conv and norm; its blocks_<i> are numbered across stages and are
+    # mapped by `efficientnet_block_stages`; the head conv comes after every stage.
+    (re.compile(r"^stem_.*$"), lambda m: 0),
+    (re.compile(r"^(head_conv|head_bn|classifier)$"), lambda m: 1_000_000),
     # ViT: patch embedding, class token and position embedding as the stem, encoder blocks as
     # stages 1.., the final norm and any top after every block.
     (re.compile(r"^(embedding|cls|posembed_input)$"), lambda m: 0),
@@ -38,9 +38,26 @@ _STAGE_PATTERNS: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], int]], .
 _CONTAINERS = ("Transformer",)
 
 
-def backbone_stage(names: tuple[str, ...]) -> int | None:
+def efficientnet_block_stages(backbone_name: str) -> dict[str, int]:
+    """Return {"blocks_<i>": stage} for an EfficientNet-Lite variant (first stage = 1)."""
+    from aqhash_jax.models import efficientnet
+
+    stages = efficientnet.stage_layout(backbone_name.removeprefix("efficientnet_"))
+    mapping, block_index = {}, 0
+    for stage_index, stage in enumerate(stages):
+        for _ in range(stage.repeats):
+            mapping[f"blocks_{block_index}"] = stage_index + 1
+            block_index += 1
+    return mapping
+
+
+def backbone_stage(names: tuple[str, ...], backbone_name: str | None = None) -> int | None:
     """Return the stage index (stem = 0) of a backbone parameter path (below "backbone"), or None."""
     names = tuple(str(name) for name in names)
+    if backbone_name and backbone_name.startswith("efficientnet_"):
+        stage = efficientnet_block_stages(backbone_name).get(names[0])
+        if stage is not None:
+            return stage
     if len(names) > 1 and names[0] in _CONTAINERS:
         names = names[1:]
     for pattern, to_stage in _STAGE_PATTERNS:
@@ -55,6 +72,7 @@ def param_labels(
     *,
     freeze_backbone: bool,
     frozen_backbone_stages: int,
+    backbone_name: str | None = None,
 ) -> dict[str, Any]:
     """Label every parameter leaf "head", "backbone" or "frozen".
 
@@ -76,7 +94,7 @@ def param_labels(
             labels[path] = BACKBONE
             continue
 
-        stage = backbone_stage(path[1:])
+        stage = backbone_stage(path[1:], backbone_name)
         if stage is None:
             raise ValueError(
                 f"cannot tell the stage of backbone parameter {'/'.join(map(str, path))} to "
@@ -141,6 +159,7 @@ def make_optimizer(
     *,
     total_steps: int,
     steps_per_outer_iteration: int = 1,
+    backbone_name: str | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Build the optimiser for `params` from `config.optim`.
 
@@ -158,6 +177,7 @@ def make_optimizer(
         params,
         freeze_backbone=bool(optim_config.freeze_backbone),
         frozen_backbone_stages=int(optim_config.frozen_backbone_stages),
+        backbone_name=backbone_name,
     )
     transforms = {
         HEAD: _base_optimizer(optim_config, schedule),

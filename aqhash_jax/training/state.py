@@ -152,7 +152,7 @@ def make_train_step(
                 jax.lax.stop_gradient(codes).astype(jnp.float32)
             )
 
-        metrics = {"loss": total, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": total, "grad_norm": optax.tree.norm(grads)}
         metrics.update({f"loss_{name}": value for name, value in terms.items()})
         new_state = state.replace(
             step=state.step + 1,

@@ -1,0 +1,62 @@
+"""flowers12: 12 Oxford 17 Flowers species (../shared/data/flowers12), frozen EfficientNet-Lite0.
+
+    python -m aqhash_jax.train --config=configs/flowers12.py --workdir=/tmp/flowers12_run \\
+        [--config.train.code_lengths=12,24,32,48]
+
+The data root defaults to ../shared/data/flowers12 next to the repository (an image folder with
+train/ and test/); point elsewhere with --config.data.root=/path/to/flowers12. Database = the
+720 training images, queries = the 240 test images. Same frozen-backbone, cached-feature set-up
+as configs/cub100.py, with more ADSH epochs because the set is small.
+
+Expected result: not yet measured. Time: not yet measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def _default_config():
+    # Loaded by path so the config works from any working directory.
+    spec = importlib.util.spec_from_file_location("aqhash_default_config", Path(__file__).with_name("default.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config():
+    config = _default_config()
+    config.data.source = "image_folder"
+    config.data.root = str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flowers12")
+    config.data.image_size = 224
+    config.data.resize_size = 256
+
+    config.model.backbone = "efficientnet_lite0"
+    config.model.init = "efficientnet_lite0/imagenet"
+    config.model.code_length = 12
+    config.model.width = 128
+    config.model.num_heads = 4
+    config.model.ffn_dim = 256
+    config.model.bottleneck_width = 64
+
+    config.loss.objective = "adsh"
+    config.loss.adsh.num_samples = 720
+    config.loss.adsh.outer_iterations = 8
+    config.loss.adsh.epochs_per_iteration = 5
+
+    config.optim.name = "adamw"
+    config.optim.learning_rate = 1e-3
+    config.optim.weight_decay = 1e-4
+    config.optim.schedule = "cosine"
+    config.optim.warmup_steps = 50
+    config.optim.freeze_backbone = True
+
+    config.train.mode = "features"
+    config.train.batch_size = 32
+    config.train.log_every = 50
+    config.train.checkpoint_every = 250
+
+    config.eval.batch_size = 128
+    config.eval.topk = 100
+    return config
