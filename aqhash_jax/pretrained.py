@@ -66,7 +66,13 @@ def _find_loader(name: str) -> Loader:
 
 
 def _looks_like_path(text: str) -> bool:
-    return os.sep in text or os.path.exists(text) or bool(re.search(r"\.(pth|pt|bin|npz)$", text))
+    """Tell a file path from "<backbone>/<source>": it exists, is absolute or relative to "." or
+    "~", or has a checkpoint file extension."""
+    return (
+        os.path.exists(text)
+        or text.startswith(("/", ".", "~"))
+        or bool(re.search(r"\.(pth|pt|bin|npz|msgpack)$", text))
+    )
 
 
 def resolve_init(init: str, backbone: str | None = None) -> Variables | None:
@@ -75,7 +81,8 @@ def resolve_init(init: str, backbone: str | None = None) -> Variables | None:
     init:
       "random": returns None, so the caller keeps its random initialisation;
       "<backbone>/imagenet", e.g. "efficientnet_lite0/imagenet": ImageNet weights of that backbone;
-      a checkpoint file path: read with the loader of `backbone`, which is then required.
+      a checkpoint file path (one that exists, starts with "/", "." or "~", or ends in .pth,
+        .pt, .bin, .npz or .msgpack): read with the loader of `backbone`, which is then required.
     backbone: the backbone the variables are for; when given with "<name>/imagenet" the two names
       must agree.
 
@@ -92,9 +99,10 @@ def resolve_init(init: str, backbone: str | None = None) -> Variables | None:
             raise ValueError(
                 f"init={init!r} is a checkpoint path; pass backbone=... so its keys can be mapped."
             )
-        if not os.path.isfile(init):
-            raise FileNotFoundError(f"Checkpoint file not found: {init}")
-        return _find_loader(backbone)(backbone, init)
+        path = os.path.expanduser(init)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return _find_loader(backbone)(backbone, path)
 
     name, _, source = init.partition("/")
     if source != "imagenet":
