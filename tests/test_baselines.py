@@ -1,10 +1,17 @@
 """Tests for the retrieval baselines in aqhash_jax.baselines."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+from PIL import Image
 
-from aqhash_jax import baselines
+from aqhash_jax import baselines, run_baselines
 from aqhash_jax.retrieval import retrieval_metrics
+from aqhash_jax.training import feature_cache
 
 BITS = 16
 
@@ -260,3 +267,131 @@ def test_baselines_ordering(baseline_maps):
 
 def test_cosine_above_chance(clustered):
     assert baselines.cosine_map_at_all(*clustered) > 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: aqhash_jax.run_baselines
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_baselines_and_table(clustered):
+    query_features, db_features, query_labels, db_labels = clustered
+    results = run_baselines.run_all_baselines(
+        {"database": db_features, "query": query_features},
+        {"database": db_labels, "query": query_labels},
+        [8, 16],
+        lsh_seeds=2,
+        seed=0,
+        linear_epochs=5,
+    )
+
+    assert results["cosine"]["map"] == pytest.approx(baselines.cosine_map_at_all(*clustered))
+    for method in ("lsh", "itq", "linear"):
+        assert sorted(results[method]) == ["16", "8"]
+        for entry in results[method].values():
+            assert 0.0 < entry["map_tie_aware"] <= 1.0
+            assert 0.0 < entry["map_ranked"] <= 1.0
+    assert len(results["lsh"]["8"]["map_tie_aware_per_seed"]) == 2
+    assert results["lsh"]["8"]["map_tie_aware"] == pytest.approx(np.mean(results["lsh"]["8"]["map_tie_aware_per_seed"]))
+
+    table = run_baselines.format_table(results, [8, 16], "synthetic")
+    assert "| 8 |" in table
+    assert "| 16 |" in table
+    assert f"{results['itq']['16']['map_tie_aware']:.3f} / {results['itq']['16']['map_ranked']:.3f}" in table
+
+
+def test_parse_bits_rejects_bad_values():
+    assert run_baselines.parse_bits(["12", "24"]) == [12, 24]
+    with pytest.raises(ValueError, match="integers"):
+        run_baselines.parse_bits(["12", "x"])
+    with pytest.raises(ValueError, match="at least 1"):
+        run_baselines.parse_bits(["0"])
+    with pytest.raises(ValueError, match="empty"):
+        run_baselines.parse_bits([])
+
+
+def write_image_folder(root, num_classes=3, train_per_class=8, test_per_class=3):
+    """Write small JPEGs of distinct solid colours plus noise in the image-folder layout."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+        for label in range(num_classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            colour = np.array([80 * label, 255 - 80 * label, 40 + 60 * label])
+            for index in range(per_class):
+                pixels = np.clip(colour + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.jpg")
+
+
+def run_command(workdir, data_root, *extra):
+    command = [
+        sys.executable, "-m", "aqhash_jax.run_baselines",
+        f"--config={REPO_ROOT / 'configs' / 'tiny.py'}",
+        f"--config.data.root={data_root}",
+        f"--workdir={workdir}",
+        "--bits", "4,8",
+        "--lsh_seeds=2",
+        "--linear_epochs=3",
+        "--batch_size=8",
+        *extra,
+    ]
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    with open(workdir / "baselines.json", encoding="utf-8") as stream:
+        return json.load(stream), completed.stdout
+
+
+@pytest.mark.slow
+def test_command_extracts_then_reuses_features(tmp_path):
+    data_root = tmp_path / "images"
+    write_image_folder(data_root)
+    workdir = tmp_path / "run"
+
+    report, stdout = run_command(workdir, data_root)
+    assert report["features"]["database"]["source"] == "extracted"
+    assert report["features"]["query"]["source"] == "extracted"
+    assert report["num_database"] == 24
+    assert report["num_query"] == 9
+    assert report["bits"] == [4, 8]
+    assert sorted(report["results"]["itq"]) == ["4", "8"]
+    assert "| 8 |" in stdout
+    assert (workdir / "baselines.md").read_text() in stdout
+
+    database_features = np.load(workdir / "features_database.npy")
+    assert database_features.dtype == np.float32
+    assert database_features.shape == (24, report["feature_dim"])
+    np.testing.assert_array_equal(np.load(workdir / "labels_query.npy"), np.repeat(np.arange(3), 3))
+
+    second, _ = run_command(workdir, data_root)
+    assert second["features"]["database"]["source"] == "saved"
+    assert second["features"]["query"]["source"] == "saved"
+    assert second["results"]["cosine"]["map"] == pytest.approx(report["results"]["cosine"]["map"])
+    assert second["results"]["itq"]["8"] == pytest.approx(
+        {**report["results"]["itq"]["8"], "seconds": second["results"]["itq"]["8"]["seconds"]}
+    )
+
+
+def test_cached_pooled_features_found(tmp_path):
+    fields = {"backbone": "vit_ti16", "weights": "abc", "image_size": 32, "resize_size": 36,
+              "mean": [127.5] * 3, "std": [127.5] * 3}
+    paths = [f"/images/{index}.jpg" for index in range(10)]
+    pooled = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float16)
+
+    def extract_batches():
+        for start in (0, 4, 8):
+            rows = np.arange(start, start + 4)
+            rows = np.where(rows < 10, rows, -1)
+            view = {"feature_maps": [np.zeros((4, 2, 2, 3))], "pooled": pooled[np.clip(rows, 0, 9)]}
+            yield rows, view, view
+
+    cache_root = str(tmp_path / "cache")
+    feature_cache.build_cache(cache_root, {**fields, "dtype": "float32", "conv_impl": "auto"}, paths, extract_batches)
+
+    found = run_baselines.find_cached_pooled_features(cache_root, fields, [paths[7], paths[2]])
+    assert found.dtype == np.float32
+    np.testing.assert_array_equal(found, pooled[[7, 2]].astype(np.float32))
+
+    assert run_baselines.find_cached_pooled_features(cache_root, {**fields, "weights": "other"}, paths) is None
+    assert run_baselines.find_cached_pooled_features(cache_root, fields, paths + ["/images/missing.jpg"]) is None
+    assert run_baselines.find_cached_pooled_features(str(tmp_path / "absent"), fields, paths) is None
