@@ -81,8 +81,9 @@ def resolve_init(init: str, backbone: str | None = None) -> Variables | None:
     init:
       "random": returns None, so the caller keeps its random initialisation;
       "<backbone>/imagenet", e.g. "efficientnet_lite0/imagenet": ImageNet weights of that backbone;
-      a checkpoint file path (one that exists, starts with "/", "." or "~", or ends in .pth,
-        .pt, .bin, .npz or .msgpack): read with the loader of `backbone`, which is then required.
+      a checkpoint file path: read with the loader of `backbone`, which is then required. A
+        string counts as a path when it exists, starts with "/", "." or "~", or ends in .pth,
+        .pt, .bin, .npz or .msgpack.
     backbone: the backbone the variables are for; when given with "<name>/imagenet" the two names
       must agree.
 
@@ -197,9 +198,9 @@ def convert_efficientnet_lite_state_dict(
 ) -> Variables:
     """Map an EfficientNet-Lite PyTorch state dict onto `EfficientNetLite` variables.
 
-    Every variable of the flax model must be found with the expected shape, and every tensor of
-    the state dict (except the `num_batches_tracked` counters, and the classifier when
-    include_top is False) must be used; otherwise ValueError lists what did not match.
+    Every variable of the flax model must be found with the expected shape. Every tensor of the
+    state dict must be used, except the `num_batches_tracked` counters and, when include_top is
+    False, the classifier. Otherwise ValueError lists what did not match.
     Returns {"params": ..., "batch_stats": ...} of float32 numpy arrays.
     """
     model = efficientnet.EfficientNetLite(variant=variant, include_top=include_top)

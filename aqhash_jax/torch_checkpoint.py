@@ -3,8 +3,8 @@
 Two on-disk formats exist (see `torch/serialization.py` in PyTorch 2.x):
 
 - zip (the default since PyTorch 1.6): a zip archive with `<prefix>/data.pkl`, the pickled object,
-  and `<prefix>/data/<key>`, the raw bytes of each storage; `<prefix>/byteorder` is "little" or
-  "big" when present (little when absent).
+  and `<prefix>/data/<key>`, the raw bytes of each storage. An optional `<prefix>/byteorder`
+  contains "little" or "big", and little-endian is assumed without it.
 - legacy (`_use_new_zipfile_serialization=False` and files written before 1.6): five
   concatenated pickles and raw data: the magic number 0x1950a86a20f9469cfc6c, the protocol version
   1001, a dict of system info, the pickled object, and the list of storage keys; then for each key
@@ -262,7 +262,7 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read the state dict of a PyTorch checkpoint as {parameter name: numpy array}.
 
-    Accepts a file whose object is a state dict, or a dict that holds one under "state_dict",
+    Accepts a file whose object is a state dict, or a dict that contains one under "state_dict",
     "model_state_dict", "model", "module" or "net". A "module." prefix that
     `torch.nn.DataParallel` adds to every key is kept, so callers see the names as saved.
     Entries that are not tensors (such as version counters saved as ints) are dropped.

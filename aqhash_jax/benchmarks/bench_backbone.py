@@ -5,8 +5,8 @@
 Reports images/s for the forward pass (inference mode, batch norm running statistics) and for
 forward plus backward (training mode, gradients of all parameters), the ratio to PyTorch eager,
 and the share of an estimated peak FLOP/s. The PyTorch reference is built here from torch.nn
-modules and loads the same ImageNet state dict; torch is needed only for this script
-(`--skip-torch` runs without it). Runs of the candidates are interleaved and the best repeat is
+modules and loads the same ImageNet state dict. Only this script needs torch, and
+`--skip-torch` runs it without torch. Runs of the candidates are interleaved and the best repeat is
 kept, so that load from other processes affects every candidate alike.
 
 Set the JAX thread count before JAX starts, for example
@@ -91,7 +91,12 @@ def estimate_peak_flops(threads: int) -> tuple[float, str]:
         pass
     if mhz is None:
         return float("nan"), "clock unknown"
-    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    if " avx512f" in flags:
+        lanes = 16
+    elif " avx2" in flags:
+        lanes = 8
+    else:
+        lanes = 4
     peak = threads * mhz * 1e6 * lanes * 2 * 2
     return peak, f"{threads} cores x {mhz / 1000:.2f} GHz x {lanes} float32 lanes x 2 FMA units x 2"
 

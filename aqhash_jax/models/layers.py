@@ -49,7 +49,7 @@ def conv_impl_override(impl: str) -> Iterator[None]:
     """Make every `Conv` built with impl="auto" use `impl` while tracing inside this block.
 
     The choice is made when a function is traced, so a function that `jax.jit` already compiled
-    outside the block keeps its formulation; trace it again (a new jit) to see the override.
+    outside the block keeps its formulation. Trace it again (a new jit) to see the override.
     """
     _check_impl(impl)
     token = _IMPL_OVERRIDE.set(impl)
@@ -101,9 +101,9 @@ def resolve_padding(
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Turn a padding spec into explicit ((top, bottom), (left, right)) pixel counts.
 
-    "SAME" and "TF_SAME" both follow TensorFlow's rule (the odd pixel goes to the bottom/right,
-    as in `lax.conv_general_dilated`); "TF_SAME" only names that rule for code ported from
-    TensorFlow. "VALID" pads nothing. An int pads all sides equally, a pair of ints pads (rows,
+    "SAME" and "TF_SAME" both follow TensorFlow's rule, which puts the odd pixel at the
+    bottom/right as `lax.conv_general_dilated` does. "TF_SAME" only names that rule for code
+    ported from TensorFlow. "VALID" pads nothing. An int pads all sides equally, a pair of ints pads (rows,
     columns) symmetrically, and a pair of pairs gives each side explicitly.
     """
     if isinstance(padding, str):
