@@ -65,8 +65,8 @@ def bit_correlation(codes: np.ndarray) -> np.ndarray:
       codes: int8 [n, K] in {-1, +1}.
 
     Returns:
-      float64 [K, K]. Entries of a bit that takes one value over all n codes are NaN, because a
-      constant has no correlation; the diagonal of every other bit is 1.
+      float64 [K, K]. A constant bit (one value over all n codes) has no defined correlation, so
+      its row and column are NaN. The diagonal of every other bit is 1.
     """
     codes = _check_codes(codes).astype(np.float64)
 

@@ -100,6 +100,9 @@ def attention_maps(
     if height < 1 or width < 1:
         raise ValueError(f"output_shape must be positive, got {output_shape}.")
 
+    # NOTE: each grid is stretched over the whole image. When the image side is not a multiple of
+    # a scale's stride (208 px gives a 7-cell stride-32 grid that covers 224 px), cells are drawn up
+    # to half a stride away from their receptive-field centres.
     leading = attention.shape[:-1]
     flat = attention.reshape(-1, attention.shape[-1]).astype(np.float64)
     selected = range(len(grid_shapes))
@@ -366,13 +369,13 @@ def overview_figure(positive, negative, database, stats: dict, *, panel_size: in
                     continue
                 _, label, image, codes, heat = database[rows[slot]]
                 all_heat.append(heat[bit])
-                caption = (f"{codes[bit]:+.2f} l{label}", plots.POSITIVE_COLOR if sign > 0 else plots.NEGATIVE_COLOR)
+                caption = (f"{codes[bit]:+.2f} label {label}", plots.POSITIVE_COLOR if sign > 0 else plots.NEGATIVE_COLOR)
                 panels.append(plots.Panel(plots.resize_rgb(image, panel_size), heat[bit], [caption], sign=sign))
         sections.append(plots.Section(f"bit {bit}: " + _bit_summary(bit_row), panels, 2 * per_sign, per_sign))
 
     title = [
         f"strongest +1 (left {per_sign}) and -1 (right {per_sign}) database images per bit, with that bit's "
-        "attention; captions: h and label",
+        "attention; captions: h and database label",
     ]
     return plots.render_figure(title, sections, panel_size=panel_size, vmax=_vmax(all_heat), font_size=11)
 
@@ -432,7 +435,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="Encode a random sample of N database images for the bit figures (default: all; 0: no bit figures).",
     )
     parser.add_argument("--exemplars", type=int, default=6, help="Database images per bit and sign in bit_NN.png.")
-    parser.add_argument("--scale", choices=SCALES, default="combined", help="Attention scales shown (see module doc).")
+    parser.add_argument("--scale", choices=SCALES, default="combined", help="combined: attention of all token grids summed; finest: the grid with the most tokens alone.")
     parser.add_argument("--panel-size", type=int, default=160, help="Side of each image panel in pixels.")
     parser.add_argument("--columns", type=int, default=8, help="Bit panels per row in the image figures.")
     parser.add_argument("--batch-size", type=int, default=32, help="Images per forward pass.")

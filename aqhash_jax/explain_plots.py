@@ -203,7 +203,8 @@ def render_figure(
     height += _MARGIN
     colorbar_top = _MARGIN + title_height + heading_height
     colorbar_height = max(120, min(320, height - colorbar_top - _MARGIN - 10))
-    height = max(height, colorbar_top + colorbar_height + _MARGIN + 10)
+    colorbar_label_height = 6 + 2 * _line_height(caption_font)
+    height = max(height, colorbar_top + colorbar_height + colorbar_label_height + _MARGIN)
 
     figure = Image.new("RGB", (width, height), BACKGROUND_COLOR)
     draw = ImageDraw.Draw(figure)

@@ -184,10 +184,27 @@ def cnn_explainer():
         "backbone": "efficientnet_lite0", "code_length": 6, "width": 16, "num_heads": 2,
         "ffn_dim": 32, "bottleneck_width": 16, "aux": "none",
     })
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32), train=False)
+    # model.init compiles for minutes on a busy 2-core CPU, so the shapes come from tracing alone
+    # and the values from numpy: unit scales and variances, zero biases and means, small weights.
+    shapes = jax.eval_shape(
+        lambda images: model.init(jax.random.PRNGKey(0), images, train=False),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in ("scale", "var"):
+            return np.ones(leaf.shape, leaf.dtype)
+        if name in ("bias", "mean"):
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (0.1 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+    variables = jax.tree_util.tree_map_with_path(fill, shapes)
     return explain.Explainer(model, variables, image_size=64, resize_size=73, batch_size=4)
 
 
+@pytest.mark.slow
 @needs_flowers
 def test_cnn_grids_and_attention(cnn_explainer):
     paths = sorted(str(p) for p in (FLOWERS / "test").glob("*/*.jpg"))[:5]
@@ -213,6 +230,7 @@ def test_cnn_grids_and_attention(cnn_explainer):
     assert figure.width > 4 * 64
 
 
+@pytest.mark.slow
 def test_encode_rejects_float_images(cnn_explainer):
     with pytest.raises(ValueError, match="uint8"):
         cnn_explainer.encode(np.zeros((1, 64, 64, 3), np.float32))
