@@ -216,7 +216,7 @@ def adsh_objective(U, B, sampled_indices, sampled_labels, db_labels, gamma: floa
 def _dcc_sweep(codes, U, sampled_indices, similarity, gamma):
     items, bits = codes.shape
 
-    # Q = c * S^T U + gamma * U_scattered, where U_scattered [n, c] holds u_i at row idx_i.
+    # Q = c * S^T U + gamma * U_scattered, where U_scattered [n, c] contains u_i at row idx_i.
     scattered = jnp.zeros((items, bits), jnp.float32).at[sampled_indices].add(U)
     target = bits * similarity.T @ U + gamma * scattered
     gram = U.T @ U
@@ -291,13 +291,15 @@ def symmetric_loss(
     similarity_weight * L_sim + quantization_weight * L_q, over the m * (m - 1) ordered pairs of
     distinct images of the batch:
 
-    - form "pairwise_mse": L_sim = mean_{i != j} (h_i . h_j / c - (2 S_ij - 1))^2. This is the
-      ADSH inner-product regression with the network on both sides and the target c (2 S - 1),
-      divided by c^2 so the loss does not grow with the code length. The target -c for
-      dissimilar pairs (instead of ADSH's 0) pushes them to Hamming distance c rather than c/2.
-      For sign codes at Hamming distance d, h_i . h_j = c - 2d, so the term is 4 (d/c)^2 for a
-      similar pair and 4 (1 - d/c)^2 for a dissimilar one: a direct surrogate for ranking by
-      Hamming distance.
+    - form "pairwise_mse": L_sim = mean_{i != j} (h_i . h_j / c - S_ij)^2. This is the ADSH
+      regression of the inner product to c S_ij with the network on both sides, divided by c^2
+      so the loss does not grow with the code length. The two objectives then differ only in
+      who produces the database side. For sign codes at Hamming distance d,
+      h_i . h_j = c - 2d, so the term is 4 (d/c)^2 for a similar pair and (1 - 2d/c)^2 for a
+      dissimilar one: similar pairs are pulled together and dissimilar pairs to distance c/2,
+      which many classes can meet at once (for example with the rows of a Hadamard matrix).
+      The target c (2 S - 1), which pushes dissimilar pairs to distance c, cannot be met by
+      three or more mutually dissimilar classes, so its minimum stays above zero.
     - form "dpsh": the negative log-likelihood of DPSH (Li et al., IJCAI 2016),
       L_sim = mean_{i != j} [log(1 + exp(theta_ij)) - S_ij theta_ij] with theta_ij = h_i . h_j / 2.
       It saturates for well-separated pairs, so it tolerates label noise better than the
@@ -329,7 +331,7 @@ def symmetric_loss(
     num_pairs = jnp.maximum(jnp.sum(off_diagonal), 1.0)
 
     if form == "pairwise_mse":
-        pair_loss = jnp.square(inner / bits - (2.0 * similarity - 1.0))
+        pair_loss = jnp.square(inner / bits - similarity)
     else:
         theta = 0.5 * inner
         pair_loss = jax.nn.softplus(theta) - similarity * theta
@@ -347,7 +349,7 @@ def symmetric_loss(
 
 
 def loss_codes(outputs: Mapping[str, jax.Array]) -> jax.Array:
-    """Return the codes a hashing loss sees: "codes" [B, K] followed by "aux_codes" [B, A].
+    """Return the codes a hashing loss takes: "codes" [B, K] followed by "aux_codes" [B, A].
 
     Returns float [B, K + A]; just "codes" when the head returned no auxiliary bits (inference,
     aux="none", or a rolled branch with one copy).

@@ -128,7 +128,7 @@ def auxiliary_bit_count(
 ) -> int:
     """Return A, the number of auxiliary bits a head produces in training.
 
-    The training loss sees K + A bits per image (``"codes"`` followed by ``"aux_codes"``), so an
+    The training loss takes K + A bits per image (``"codes"`` followed by ``"aux_codes"``), so an
     ADSH code matrix must have K + A columns.
 
     Args:
@@ -594,7 +594,7 @@ class AttributeHashHead(nn.Module):
 
     @property
     def num_loss_bits(self) -> int:
-        """K + A, the bits per image that the training loss sees."""
+        """K + A, the bits per image that the training loss takes."""
         return self.code_length + self.num_aux_bits
 
     def _validate_config(self) -> None:
@@ -628,7 +628,7 @@ class AttributeHashHead(nn.Module):
             )
         if len(feature_maps) not in (1, 2):
             raise ValueError(
-                f"feature_maps must hold 1 map (ViT) or 2 maps (CNN stride 16 and 32), got "
+                f"feature_maps must contain 1 map (ViT) or 2 maps (CNN stride 16 and 32), got "
                 f"{len(feature_maps)}."
             )
         for index, feature_map in enumerate(feature_maps):
