@@ -87,25 +87,22 @@ def save_npy_atomic(path: str, array: np.ndarray) -> None:
 # Pooled features: saved files, the training feature cache, or direct extraction
 
 
-def feature_fields(config) -> dict[str, Any]:
-    """Return the config fields that change the pooled features; saved features are reused only on a match.
+def feature_fields(config, variables: dict) -> dict[str, Any]:
+    """Return everything that changes the pooled features; saved features are reused only on a match.
 
-    The weights are identified by `config.model.init` (plus `config.seed` for a random
-    initialisation), so a rerun can reuse saved features without loading the backbone.
+    The keys and values are those of the training feature cache, so the same dict also selects a
+    qualifying cache folder.
     """
     mean, std = input_normalization(config.model.backbone)
-    fields = {
+    return {
         "backbone": str(config.model.backbone),
-        "init": str(config.model.init),
+        "weights": variables_fingerprint(variables),
         "image_size": int(config.data.image_size),
         "resize_size": int(config.data.resize_size),
-        "mean": [float(value) for value in mean],
-        "std": [float(value) for value in std],
+        "mean": mean.tolist(),
+        "std": std.tolist(),
         "conv_impl": str(config.model.conv_impl),
     }
-    if fields["init"] == "random":
-        fields["seed"] = int(config.seed)
-    return fields
 
 
 def _feature_paths(workdir: str, split_role: str) -> tuple[str, str, str]:
@@ -116,8 +113,10 @@ def _feature_paths(workdir: str, split_role: str) -> tuple[str, str, str]:
     )
 
 
-def load_saved_features(workdir: str, split_role: str, split: ImageSplit, fields: dict) -> np.ndarray | None:
-    """Return float32 [n, dim] features saved by an earlier run, or None when absent or stale.
+def load_saved_features(
+    workdir: str, split_role: str, split: ImageSplit, fields: dict
+) -> tuple[np.ndarray, dict] | None:
+    """Return (float32 [n, dim] features, sidecar dict) saved by an earlier run, or None when absent or stale.
 
     Saved features are reused only when their sidecar lists the same feature fields and the same
     image paths, in the same order, as `split`.
@@ -138,16 +137,16 @@ def load_saved_features(workdir: str, split_role: str, split: ImageSplit, fields
                         features_path, features.dtype, features.shape)
         return None
     logging.info("reusing saved %s features %s, shape %s", split_role, features_path, features.shape)
-    return features
+    return features, sidecar
 
 
 def save_features(workdir: str, split_role: str, split: ImageSplit, fields: dict, features: np.ndarray,
-                  source: str) -> None:
-    """Save features, labels and a JSON sidecar (fields, image paths, source) atomically."""
+                  info: dict) -> None:
+    """Save features, labels and a JSON sidecar (fields, `info` on how they were obtained, image paths)."""
     features_path, labels_path, sidecar_path = _feature_paths(workdir, split_role)
     save_npy_atomic(features_path, features)
     save_npy_atomic(labels_path, np.asarray(split.labels))
-    sidecar = {"fields": fields, "source": source, "shape": list(features.shape), "paths": list(split.paths)}
+    sidecar = {"fields": fields, "info": info, "shape": list(features.shape), "paths": list(split.paths)}
     write_atomic(sidecar_path, json.dumps(sidecar, indent=1))
 
 
@@ -155,9 +154,8 @@ def find_cached_pooled_features(cache_root: str, fields: dict, paths: list[str])
     """Look for a complete training feature cache with these fields and return its pooled features.
 
     The training job caches float16 pooled features of the evaluation view (view 0) for every
-    image of its splits. A cache qualifies when its key fields equal `fields` (for example
-    backbone, weights fingerprint, image size, resize size and normalisation), it was computed in
-    float32, and it contains every path.
+    image of its splits. A cache qualifies when its key fields include `fields` (see
+    `feature_fields`), it was computed in float32, and it contains every path.
 
     Returns:
       float32 [len(paths), dim] in the order of `paths`, or None when no cache qualifies.
@@ -253,13 +251,13 @@ def load_or_extract_features(config, workdir: str, cache_root: str, batch_size: 
 
     Order of preference: features saved in `workdir` by an earlier run, the training feature cache
     under `cache_root`, extraction with the backbone. Newly obtained features are saved to
-    `workdir`, so later runs skip the backbone. The backbone weights are loaded only when a role
-    has no saved features.
+    `workdir`, so later runs skip the backbone (its weights are still loaded, to check that they
+    are the ones the saved features came from).
     """
     splits = load_retrieval_splits(config.data)
     role_splits = {"database": splits.database, "query": splits.query}
-    fields = feature_fields(config)
-    variables = None
+    variables = load_backbone_variables(config)
+    fields = feature_fields(config, variables)
 
     features, labels, info = {}, {}, {}
     for role, split in role_splits.items():
@@ -271,27 +269,20 @@ def load_or_extract_features(config, workdir: str, cache_root: str, batch_size: 
             )
         saved = load_saved_features(workdir, role, split, fields)
         if saved is not None:
-            features[role] = saved
-            info[role] = {"source": "saved", "seconds": 0.0}
+            features[role], sidecar = saved
+            info[role] = {"source": "saved", "saved_by": sidecar.get("info", {})}
             continue
 
-        if variables is None:
-            variables = load_backbone_variables(config)
-            cache_fields = {
-                key: fields[key] for key in ("backbone", "image_size", "resize_size", "mean", "std", "conv_impl")
-            }
-            cache_fields["weights"] = variables_fingerprint(variables)
-
         start = time.perf_counter()
-        cached = find_cached_pooled_features(cache_root, cache_fields, list(split.paths))
+        cached = find_cached_pooled_features(cache_root, fields, list(split.paths))
         if cached is not None:
             features[role], source = cached, "training feature cache"
         else:
             logging.info("extracting pooled %s features of %d images (%s)", role, len(split), split.name)
             features[role], source = extract_pooled_features(config, variables, split, batch_size), "extracted"
         seconds = time.perf_counter() - start
-        save_features(workdir, role, split, fields, features[role], source)
         info[role] = {"source": source, "seconds": seconds, "images_per_second": len(split) / max(seconds, 1e-9)}
+        save_features(workdir, role, split, fields, features[role], info[role])
     return features, labels, info
 
 

@@ -366,6 +366,7 @@ def test_command_extracts_then_reuses_features(tmp_path):
     second, _ = run_command(workdir, data_root)
     assert second["features"]["database"]["source"] == "saved"
     assert second["features"]["query"]["source"] == "saved"
+    assert second["features"]["database"]["saved_by"]["source"] == "extracted"
     assert second["results"]["cosine"]["map"] == pytest.approx(report["results"]["cosine"]["map"])
     assert second["results"]["itq"]["8"] == pytest.approx(
         {**report["results"]["itq"]["8"], "seconds": second["results"]["itq"]["8"]["seconds"]}
