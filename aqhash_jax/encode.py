@@ -5,11 +5,11 @@
 
 `--images` takes image files and folders; folders are walked recursively for the image file
 endings of `aqhash_jax.data.images.IMAGE_EXTENSIONS` (case-insensitive, hidden files skipped).
-Images are preprocessed as the training job's evaluation does (shorter side resized to the
-trained `data.resize_size`, centre crop of `data.image_size`, the backbone's input
-normalisation), encoded in batches sharded over a Mesh of all `jax.devices()`, binarised by sign
-and written with `save_codes`. Files that cannot be decoded are skipped, and one warning names
-each of them with the reason.
+Images are preprocessed as the training job's evaluation does: the shorter side is resized to the
+trained `data.resize_size`, a centre crop of `data.image_size` is taken and the backbone's input
+normalisation is applied. Batches are sharded over a Mesh of all `jax.devices()`, and the codes
+are binarised by sign and written with `save_codes`. Files that cannot be decoded are skipped,
+and one warning names each of them with the reason.
 
 Rows of the code file are the images sorted by absolute path, and `ids` are the row numbers
 0..n-1, so ids change when files are added and the path is the stable key. The sidecar's `extra`
@@ -122,7 +122,7 @@ def load_encoder(workdir: str | os.PathLike) -> Encoder:
     """Load the exported model of a finished training run for encoding.
 
     Raises:
-      FileNotFoundError when `workdir` holds no export.
+      FileNotFoundError when `workdir` contains no export.
     """
     workdir = os.fspath(workdir)
     model, variables, config = export_lib.load_trained_model(workdir)
@@ -328,7 +328,7 @@ def warn_unreadable(failed: Iterable[images_lib.UnreadableImage]) -> None:
 
 @dataclasses.dataclass
 class EncodeSummary:
-    """What `encode_collection` did.
+    """Counts and paths of one `encode_collection` run.
 
     Attributes:
       out: the code file path.
@@ -359,7 +359,7 @@ def _load_existing(out: str, encoder: Encoder) -> CodeFile:
 
     if existing.code_length != encoder.code_length:
         raise EncodeError(
-            f"{out} holds {existing.code_length}-bit codes but the model in {encoder.workdir} writes "
+            f"{out} contains {existing.code_length}-bit codes but the model in {encoder.workdir} writes "
             f"{encoder.code_length}-bit codes; pass --overwrite to re-encode everything, or choose another --out."
         )
     if existing.fingerprint != encoder.fingerprint:
@@ -464,8 +464,8 @@ def encode_collection(
 def write_code_file(out: str, rows: dict[str, tuple[np.ndarray, int, int]], encoder: Encoder) -> None:
     """Write {path: (packed row uint32 [words], size, mtime_ns)} to `out` in path order, atomically.
 
-    `save_codes` writes the array and sidecar under temporary names in the folder of `out`; both are
-    then renamed over the old pair, so a failure before the renames keeps the old file.
+    `save_codes` writes the array and sidecar under temporary names in the folder of `out`. Both
+    are then renamed over the old pair, so a failure before the renames keeps the old file.
     NOTE: a crash between the two renames leaves the new array next to the old sidecar, which
     `load_codes` rejects (row count mismatch) unless both have the same row count.
     """

@@ -5,9 +5,9 @@ The exact scan of `aqhash_jax.retrieval.hamming_topk` never needs it.
 
 Byte layout. faiss binary indexes take codes as uint8 [n, d / 8] with d a multiple of 8 and compare
 them by popcount of XOR, so only a bit layout shared by queries and database matters for the
-distances. `packed_to_bytes` still keeps the bit numbering of the packed uint32 words: bit j of a
-code goes to byte j // 8 at bit position j % 8 (least significant first), which is the little-endian
-byte view of the words truncated to ceil(code_length / 8) bytes and equals
+distances. `packed_to_bytes` still keeps the bit numbering of the packed uint32 words. Bit j of a
+code goes to byte j // 8 at bit position j % 8 (least significant first). This is the
+little-endian byte view of the words truncated to ceil(code_length / 8) bytes, and it equals
 `np.packbits(bits, axis=1, bitorder="little")`. The words are converted to little-endian before the
 byte view, so the layout does not depend on the host's byte order.
 
@@ -164,7 +164,8 @@ def build_index(
             raise ValueError(f"nlist must be in [1, {num_rows}] for {num_rows} codes, got {nlist}.")
         quantizer = faiss.IndexBinaryFlat(dimension)
         index = faiss.IndexBinaryIVF(quantizer, dimension, nlist)
-        # The index must keep the quantiser alive; faiss's Python wrapper does not.
+        # With own_fields the index deletes the quantiser with itself, and disown stops Python from
+        # deleting it earlier, so the quantiser lives exactly as long as the index.
         index.own_fields = True
         quantizer.this.disown()
         sample_size = min(num_rows, train_size or nlist * TRAIN_POINTS_PER_LIST)
@@ -217,7 +218,7 @@ def search_index(
     index = faiss.downcast_IndexBinary(index)
     if index.d != faiss_dimension(code_length):
         raise ValueError(
-            f"the index holds {index.d}-bit codes but the queries have code length {code_length} "
+            f"the index contains {index.d}-bit codes but the queries have code length {code_length} "
             f"({faiss_dimension(code_length)} bits after padding to bytes); use codes of the same model."
         )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -319,7 +320,7 @@ def load_index(path: str | os.PathLike) -> tuple[Any, dict]:
     index = faiss.read_index_binary(path)
     if index.ntotal != metadata["num_rows"] or index.d != metadata["faiss_dimension"]:
         raise ValueError(
-            f"faiss index {path} holds {index.ntotal} codes of {index.d} bits but its sidecar says "
+            f"faiss index {path} contains {index.ntotal} codes of {index.d} bits but its sidecar says "
             f"{metadata['num_rows']} of {metadata['faiss_dimension']}; rebuild the index with build-index."
         )
     return index, metadata

@@ -13,7 +13,7 @@ lengths must be equal.
 
 Ranking and ties. Results are ordered by Hamming distance, and items at equal distance by
 database row (lower first), so the output does not depend on hardware. Each result shows its
-rank; items tied with other database items at the same distance share a rank range, for example
+rank. Items tied with other database items at the same distance share a rank range, for example
 "3-5", and their distance carries a "=" marker. With the exact scan the range counts every
 database item at that distance, including tied items cut off by `--topk`, whose number is printed
 below the list. With `--index` the ranks are positions in the list the index returned, and a
@@ -110,25 +110,25 @@ class QueryResult:
     tied_not_shown: int = 0
 
 
-def load_code_input(path: str, what: str) -> CodeFile:
+def load_code_input(path: str, description: str) -> CodeFile:
     """Load a `save_codes` file (detected by its sidecar) or a raw [n, bits] array as a CodeFile."""
     if os.path.exists(path + ".json"):
         return load_codes(path)
     if not os.path.exists(path):
-        raise SearchError(f"{what} file {path} not found.")
+        raise SearchError(f"{description} file {path} not found.")
     try:
         raw = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
-        raise SearchError(f"cannot read {what} file {path}: {error}") from error
+        raise SearchError(f"cannot read {description} file {path}: {error}") from error
     if raw.dtype == np.uint32:
         raise SearchError(
-            f"{what} file {path} holds packed uint32 words but has no sidecar {path}.json; write it with save_codes."
+            f"{description} file {path} contains packed uint32 words but has no sidecar {path}.json; write it with save_codes."
         )
-    packed, code_length = prepare_codes(raw, None, what)
+    packed, code_length = prepare_codes(raw, None, description)
     return CodeFile(path=path, packed=packed, code_length=code_length, metadata={})
 
 
-def parse_rows(text: str | None, num_rows: int, what: str) -> list[int]:
+def parse_rows(text: str | None, num_rows: int, source: str) -> list[int]:
     """Parse "0,5,7" into row numbers in [0, num_rows); None selects every row."""
     if text is None:
         return list(range(num_rows))
@@ -140,7 +140,7 @@ def parse_rows(text: str | None, num_rows: int, what: str) -> list[int]:
         except ValueError:
             raise SearchError(f"--query-rows entry {token!r} is not an integer; pass comma-separated row numbers such as 0,5,7.") from None
         if not 0 <= row < num_rows:
-            raise SearchError(f"--query-rows entry {row} is outside {what}, which has rows 0..{num_rows - 1}.")
+            raise SearchError(f"--query-rows entry {row} is outside {source}, which has rows 0..{num_rows - 1}.")
         rows.append(row)
     if not rows:
         raise SearchError("--query-rows is empty; pass comma-separated row numbers such as 0,5,7.")
@@ -171,7 +171,7 @@ def queries_from_images(workdir: str, image_paths: Sequence[str], *, batch_size:
     encoder = encode_lib.load_encoder(workdir)
     if encoder.code_length != database.code_length:
         raise SearchError(
-            f"the model in {workdir} writes {encoder.code_length}-bit codes but {database.path} holds "
+            f"the model in {workdir} writes {encoder.code_length}-bit codes but {database.path} contains "
             f"{database.code_length}-bit codes; pass the --workdir of the model that encoded {database.path}."
         )
     if database.fingerprint and database.fingerprint != encoder.fingerprint:
@@ -403,8 +403,11 @@ def run_search(args) -> tuple[list[QueryResult], CodeFile, str]:
     if args.index:
         index, metadata = faiss_index.load_index(args.index)
         faiss_index.check_index_matches(metadata, db.packed, db.code_length, db.path)
+        stored = metadata.get("params", {})
+        nprobe = args.nprobe if args.nprobe is not None else stored.get("nprobe")
+        ef_search = args.ef_search if args.ef_search is not None else stored.get("ef_search")
         results = search_with_index(
-            queries, db, index, topk=args.topk, radius=args.radius, nprobe=args.nprobe, ef_search=args.ef_search
+            queries, db, index, topk=args.topk, radius=args.radius, nprobe=nprobe, ef_search=ef_search
         )
         method = f"faiss {metadata['index_type']} index"
     else:
