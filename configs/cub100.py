@@ -9,9 +9,9 @@ All four code lengths, sharing one feature cache (summary in <workdir>/summary.j
 
 The data root defaults to ../shared/data/cub100 next to the repository; point elsewhere with
 --config.data.root=/path/to/cub100. Database = the 2,903 training images, queries = the 2,999
-test images. The backbone is EfficientNet-Lite0 with ImageNet weights, frozen: its two feature
-maps (stride 16 and 32) are extracted once per image and its horizontal flip and cached on disk,
-and a narrow head (width 128, one encoder and one decoder layer) is trained with ADSH on the
+test images. The backbone is EfficientNet-Lite0 with ImageNet weights, frozen. Its two feature
+maps (stride 16 and 32) of every image and of its horizontal flip are extracted once and cached
+on disk. A narrow head (width 128, one encoder and one decoder layer) is trained with ADSH on the
 cache. The sizes are chosen so that extraction plus all four code lengths take under an hour on
 a 2-core CPU.
 
@@ -54,7 +54,7 @@ def get_config():
     config.loss.adsh.outer_iterations = 6
     config.loss.adsh.epochs_per_iteration = 3
 
-    # The head starts from scratch and sees about 36,000 images, too few for SGD at 3e-4.
+    # The head starts from scratch and trains on about 36,000 images, too few for SGD at 3e-4.
     config.optim.name = "adamw"
     config.optim.learning_rate = 1e-3
     config.optim.weight_decay = 1e-4

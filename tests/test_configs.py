@@ -39,7 +39,8 @@ def test_paper_setup_in_cub():
     assert config.loss.objective == "adsh"
     assert (config.loss.adsh.outer_iterations, config.loss.adsh.epochs_per_iteration) == (40, 30)
     assert config.loss.adsh.num_samples == 2000
-    assert config.optim.name == "sgd" and config.optim.learning_rate == 3e-4
+    assert config.optim.name == "sgd"
+    assert config.optim.learning_rate == 3e-4
     assert config.train.batch_size == 16
     assert config.train.mode == "end_to_end"
 

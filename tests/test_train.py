@@ -175,3 +175,25 @@ def test_code_length_sweep(data_root, cache_dir, tmp_path):
         metrics = json.loads((tmp_path / f"bits_{bits}" / "metrics.json").read_text())
         assert metrics["code_length"] == bits
         assert load_codes(tmp_path / f"bits_{bits}" / "export" / "query_codes.npy").code_length == bits
+
+
+def test_end_to_end_resume_matches(data_root, tmp_path):
+    """End-to-end mode: images through the backbone, grain iterator state in the checkpoint."""
+
+    def config(**overrides):
+        result = tiny_config(data_root, tmp_path / "unused_cache", mode="end_to_end", num_steps=4,
+                             checkpoint_every=2, log_every=1, **overrides)
+        result.optim.freeze_backbone = False
+        result.optim.frozen_backbone_stages = 2
+        result.export.enabled = False
+        return result
+
+    train.run_job(config(), os.fspath(tmp_path / "uninterrupted"))
+    assert train.run_job(config(stop_after_steps=3), os.fspath(tmp_path / "resumed")) == {}
+    train.run_job(config(), os.fspath(tmp_path / "resumed"))
+
+    assert not (tmp_path / "unused_cache").exists()
+    assert final_maps(tmp_path / "resumed") == final_maps(tmp_path / "uninterrupted")
+    resumed = {r["step"]: r["loss"] for r in train_records(tmp_path / "resumed")}
+    uninterrupted = {r["step"]: r["loss"] for r in train_records(tmp_path / "uninterrupted")}
+    assert resumed[4] == pytest.approx(uninterrupted[4], rel=1e-6)

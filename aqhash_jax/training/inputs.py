@@ -29,7 +29,7 @@ _VIEW_SALT = 303
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """How global train steps map to outer iterations.
+    """Mapping of global train steps to outer iterations.
 
     Attributes:
       objective: "adsh" or "symmetric".

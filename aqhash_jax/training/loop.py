@@ -27,14 +27,19 @@ from aqhash_jax.training.checkpoint import (
 from aqhash_jax.training.export import export_run
 from aqhash_jax.training.feature_cache import FeatureCache, build_cache
 from aqhash_jax.training.metric_writer import MetricWriter, write_json_atomic
-from aqhash_jax.training.model_init import backbone_variables, make_model, variables_fingerprint
+from aqhash_jax.training.model_init import (
+    backbone_feature_shapes,
+    backbone_variables,
+    make_model,
+    variables_fingerprint,
+)
 from aqhash_jax.training.optim import make_optimizer
 from aqhash_jax.training.state import TrainState, dcc_update, jit_train_step, make_train_step
 
 
 @dataclasses.dataclass
 class RunResult:
-    """What a run returns: its final metrics, or `stopped=True` when stop_after_steps cut it short."""
+    """Outcome of a run: its final metrics, or `stopped=True` when stop_after_steps cut it short."""
 
     workdir: str
     code_length: int
@@ -158,21 +163,21 @@ class Trainer:
         if self.features_mode:
             self.cache = prepare_feature_cache(config, self.splits, self.backbone_vars, self.cache_root, self.mesh)
             self.train_cache_rows = self.cache.rows_of(self.splits.train.paths)
-            dummy = [jnp.zeros((1,) + shape, jnp.float32) for shape in self.cache.map_shapes]
-            head_vars = jax.jit(
-                lambda key: self.model.init(key, dummy, train=False, method=type(self.model).from_features)
-            )(head_rng)
-            head_vars = _to_plain(jax.device_get(head_vars))
-            params = head_vars["params"]
-            batch_stats = head_vars.get("batch_stats", {})
+            map_shapes = self.cache.map_shapes
         else:
-            size = int(config.data.image_size)
-            images = jnp.zeros((1, size, size, 3), jnp.float32)
-            variables = jax.jit(lambda key: self.model.init(key, images, train=False))(head_rng)
-            variables = _to_plain(jax.device_get(variables))
-            params = dict(variables["params"])
+            map_shapes = backbone_feature_shapes(config)
+
+        # The head is initialised alone on dummy feature maps, so the backbone's initialiser is
+        # never compiled a second time.
+        dummy = [jnp.zeros((1,) + tuple(shape), jnp.float32) for shape in map_shapes]
+        head_vars = jax.jit(
+            lambda key: self.model.init(key, dummy, train=False, method=type(self.model).from_features)
+        )(head_rng)
+        head_vars = _to_plain(jax.device_get(head_vars))
+        params = dict(head_vars["params"])
+        batch_stats = dict(head_vars.get("batch_stats", {}))
+        if not self.features_mode:
             params["backbone"] = self.backbone_vars["params"]
-            batch_stats = dict(variables.get("batch_stats", {}))
             if "batch_stats" in self.backbone_vars:
                 batch_stats["backbone"] = self.backbone_vars["batch_stats"]
 

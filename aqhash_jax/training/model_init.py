@@ -77,7 +77,7 @@ def backbone_variables(config: Any, rng: jax.Array) -> dict:
     """Return the initial backbone variables {"params": ..., "batch_stats": ...} (float32).
 
     "random" initialises them from `rng`; anything else goes through
-    `aqhash_jax.models.pretrained.resolve_init`, and the result must match the backbone's tree.
+    `aqhash_jax.pretrained.resolve_init`, and the result must match the backbone's tree.
     """
     size = int(config.data.image_size)
     images = jnp.zeros((1, size, size, 3), jnp.float32)
@@ -86,19 +86,43 @@ def backbone_variables(config: Any, rng: jax.Array) -> dict:
     module = create_backbone(
         config.model.backbone, dtype=jnp.float32, conv_impl=config.model.conv_impl, image_size=size
     )
-    random_variables = jax.jit(lambda key: module.init(key, images, train=False))(rng)
-    random_variables = jax.device_get(dict(random_variables))
     init = str(config.model.init)
-    if init == "random":
-        logging.info("backbone %s: random initialisation", config.model.backbone)
-        return random_variables
+    if init != "random":
+        from aqhash_jax import pretrained
 
-    from aqhash_jax.models import pretrained
+        loaded = pretrained.resolve_init(init, config.model.backbone)
+        if loaded is not None:
+            # Shapes only: tracing the initialiser is enough to check the loaded tree.
+            expected = jax.eval_shape(lambda key: module.init(key, images, train=False), rng)
+            loaded = jax.tree_util.tree_map(np.asarray, _plain(loaded))
+            _check_same_structure(_plain(expected), loaded, init)
+            logging.info("backbone %s: weights from %s", config.model.backbone, init)
+            return loaded
 
-    loaded = pretrained.resolve_init(init, config.model.backbone)
-    if loaded is None:
-        return random_variables
-    loaded = jax.device_get(dict(loaded))
-    _check_same_structure(random_variables, loaded, init)
-    logging.info("backbone %s: weights from %s", config.model.backbone, init)
-    return jax.tree_util.tree_map(np.asarray, loaded)
+    variables = jax.jit(lambda key: module.init(key, images, train=False))(rng)
+    logging.info("backbone %s: random initialisation", config.model.backbone)
+    return jax.tree_util.tree_map(np.asarray, _plain(jax.device_get(variables)))
+
+
+def backbone_feature_shapes(config: Any) -> list[tuple[int, ...]]:
+    """Return the [h, w, C] of each backbone feature map at `config.data.image_size` (no compile)."""
+    from aqhash_jax.models.backbones import create_backbone
+
+    size = int(config.data.image_size)
+    module = create_backbone(
+        config.model.backbone, dtype=jnp.float32, conv_impl=config.model.conv_impl, image_size=size
+    )
+    images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def features(key, images):
+        variables = module.init(key, images, train=False)
+        return module.apply(variables, images, train=False)["feature_maps"]
+
+    shapes = jax.eval_shape(features, jax.random.PRNGKey(0), images)
+    return [tuple(shape.shape[1:]) for shape in shapes]
+
+
+def _plain(tree: Any) -> Any:
+    if hasattr(tree, "items"):
+        return {key: _plain(value) for key, value in tree.items()}
+    return tree

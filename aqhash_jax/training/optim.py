@@ -110,7 +110,7 @@ def make_schedule(optim_config: Any, total_steps: int, steps_per_outer_iteration
 
     `schedule="step"` multiplies the rate by `decay_factor` at each step in `step_boundaries`.
     A boundary given as a negative number -n means "after outer iteration n" and is converted
-    with `steps_per_outer_iteration`, so ADSH configs can say "x0.1 after iteration 30".
+    with `steps_per_outer_iteration`, so ADSH configs can express "x0.1 after iteration 30".
     """
     base = float(optim_config.learning_rate)
     warmup = int(optim_config.warmup_steps)

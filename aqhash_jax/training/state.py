@@ -1,7 +1,7 @@
 """Train state and the jitted train step.
 
 `params` and `batch_stats` keep the layout of `HashModel` variables (`{"backbone": ..., "head": ...}`).
-In features mode the backbone is frozen and its features come from the cache, so the state holds
+In features mode the backbone is frozen and its features come from the cache, so the state contains
 the "head" subtree only. The ADSH code matrix B and the outputs U of the current outer iteration's
 sampled images live in the state, so checkpoints restore them with the network.
 """
@@ -125,7 +125,7 @@ def make_train_step(
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Build the (un-jitted) train step `step(state, batch, train_labels) -> (state, metrics)`.
 
-    `batch` holds "inputs" (images or a list of feature maps), "label" int32 [b], "index" int32 [b]
+    `batch` contains "inputs" (images or a list of feature maps), "label" int32 [b], "index" int32 [b]
     (row in the training split) and "sample_position" int32 [b] (row in U, ADSH only).
     """
 
