@@ -176,8 +176,8 @@ def test_symmetric_loss_prefers_class_codes(form):
 
 def test_symmetric_loss_terms_and_weights():
     labels = np.array([0, 0, 1], np.int32)
-    codes = np.array([[1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]], np.float32)
-    # Perfect sign codes: every pair meets its target exactly and the quantisation error is 0.
+    codes = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, -1.0]], np.float32)
+    # Similar pairs have h.h = c and dissimilar pairs h.h = 0, and the quantisation error is 0.
     assert float(symmetric_loss(codes, labels, form="pairwise_mse")) == pytest.approx(0.0, abs=1e-7)
 
     half = codes * 0.5
@@ -186,8 +186,11 @@ def test_symmetric_loss_terms_and_weights():
     )
     assert quantization_only == pytest.approx(0.25)
     similarity_only = float(symmetric_loss(half, labels, similarity_weight=1.0, quantization_weight=0.0))
-    # Similar pairs: h.h/c = 0.25 vs 1; dissimilar: -0.25 vs -1; 6 ordered pairs, all off by 0.75.
-    assert similarity_only == pytest.approx(0.75**2)
+    # The 2 similar ordered pairs have h.h/c = 0.25 against 1, the 4 dissimilar ones meet 0.
+    assert similarity_only == pytest.approx(2 * 0.75**2 / 6)
+
+    antipodal = np.array([[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], np.float32)
+    assert float(symmetric_loss(antipodal, labels, quantization_weight=0.0)) == pytest.approx(4 / 6)
 
     single = float(symmetric_loss(half[:1], labels[:1], quantization_weight=1.0))
     assert single == pytest.approx(0.25)
