@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ADSH_LOSS_SCALE = 12.0
-SYMMETRIC_FORMS = ("pairwise_mse", "dpsh")
+SYMMETRIC_FORMS = ("pairwise_mse", "pairwise_balanced", "dpsh", "centers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +285,7 @@ def symmetric_loss(
     similarity_weight: float = 1.0,
     quantization_weight: float = 0.1,
     form: str = "pairwise_mse",
+    centers=None,
 ) -> jax.Array:
     """Compute an in-batch pairwise hashing loss in which the network encodes both sides.
 
@@ -300,6 +301,15 @@ def symmetric_loss(
       which many classes can meet at once (for example with the rows of a Hadamard matrix).
       The target c (2 S - 1), which pushes dissimilar pairs to distance c, cannot be met by
       three or more mutually dissimilar classes, so its minimum stays above zero.
+    - form "pairwise_balanced": the same squared error, but the similar and the dissimilar pairs
+      are averaged separately and the two means added. With C balanced classes only about 1/C
+      of the pairs are similar, so the plain mean mostly teaches "be far from everything"; the
+      balanced mean gives both kinds of pair equal weight.
+    - form "centers": central similarity (Yuan et al., CVPR 2020). Every class has a fixed
+      target code (`centers`, from `aqhash_jax.hash_centers.make_hash_centers`) and
+      L_sim = mean over images and bits of the binary cross-entropy between (h + 1) / 2 and
+      (center_y + 1) / 2. A multi-hot label targets the sign of the sum of its classes' centres.
+      Pairs are implied by the centres, so the term does not depend on the batch composition.
     - form "dpsh": the negative log-likelihood of DPSH (Li et al., IJCAI 2016),
       L_sim = mean_{i != j} [log(1 + exp(theta_ij)) - S_ij theta_ij] with theta_ij = h_i . h_j / 2.
       It saturates for well-separated pairs, so it tolerates label noise better than the
@@ -313,7 +323,9 @@ def symmetric_loss(
       labels: int [m] or multi-hot [m, L].
       similarity_weight: config ``loss.similarity_weight``.
       quantization_weight: config ``loss.quantization_weight``.
-      form: config ``loss.symmetric_form``: "pairwise_mse" or "dpsh".
+      form: config ``loss.symmetric_form``: one of "pairwise_mse", "pairwise_balanced", "dpsh"
+        and "centers".
+      centers: float or int [num_classes, c] in {-1,+1}, needed by form "centers" only.
 
     Returns:
       float32 scalar; a batch of one image has no pairs and contributes only L_q.
@@ -330,17 +342,48 @@ def symmetric_loss(
     off_diagonal = 1.0 - jnp.eye(batch, dtype=jnp.float32)
     num_pairs = jnp.maximum(jnp.sum(off_diagonal), 1.0)
 
-    if form == "pairwise_mse":
+    if form == "centers":
+        similarity_term = _center_loss(codes, labels, centers)
+    elif form == "pairwise_balanced":
         pair_loss = jnp.square(inner / bits - similarity)
+        positive = similarity * off_diagonal
+        negative = (1.0 - similarity) * off_diagonal
+        similarity_term = jnp.sum(pair_loss * positive) / jnp.maximum(jnp.sum(positive), 1.0)
+        similarity_term += jnp.sum(pair_loss * negative) / jnp.maximum(jnp.sum(negative), 1.0)
     else:
-        theta = 0.5 * inner
-        pair_loss = jax.nn.softplus(theta) - similarity * theta
-    similarity_term = jnp.sum(pair_loss * off_diagonal) / num_pairs
+        if form == "pairwise_mse":
+            pair_loss = jnp.square(inner / bits - similarity)
+        else:
+            theta = 0.5 * inner
+            pair_loss = jax.nn.softplus(theta) - similarity * theta
+        similarity_term = jnp.sum(pair_loss * off_diagonal) / num_pairs
 
     signs = jax.lax.stop_gradient(jnp.where(codes >= 0, 1.0, -1.0))
     quantization_term = jnp.mean(jnp.sum(jnp.square(codes - signs), axis=-1)) / bits
 
     return similarity_weight * similarity_term + quantization_weight * quantization_term
+
+
+def _center_loss(codes: jax.Array, labels: jax.Array, centers) -> jax.Array:
+    """Mean binary cross-entropy between codes [m, c] and their class centres [C, c]."""
+    if centers is None:
+        raise ValueError("form 'centers' needs centers [num_classes, c]; build them with make_hash_centers.")
+    centers = jnp.asarray(centers, jnp.float32)
+    if centers.ndim != 2 or centers.shape[1] != codes.shape[1]:
+        raise ValueError(
+            f"centers have shape {centers.shape} but the codes have {codes.shape[1]} bits; build "
+            "centres for the main plus auxiliary bits."
+        )
+    if labels.ndim == 1:
+        targets = centers[labels.astype(jnp.int32)]
+    else:
+        targets = jnp.where(labels.astype(jnp.float32) @ centers >= 0, 1.0, -1.0)
+    targets = (targets + 1.0) / 2.0
+
+    # log sigmoid of the logit 2 artanh(h) equals log((1 + h) / 2), computed stably in log space.
+    log_positive = jnp.log1p(jnp.clip(codes, -1.0 + 1e-6, 1.0)) - jnp.log(2.0)
+    log_negative = jnp.log1p(-jnp.clip(codes, -1.0, 1.0 - 1e-6)) - jnp.log(2.0)
+    return -jnp.mean(targets * log_positive + (1.0 - targets) * log_negative)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from aqhash_jax.models.backbones import BACKBONE_NAMES
 from aqhash_jax.models.heads import AUX_BRANCHES, NORMS, auxiliary_bit_count
 
 OBJECTIVES = ("adsh", "symmetric")
-SYMMETRIC_FORMS = ("pairwise_mse", "dpsh")
+from aqhash_jax.losses import SYMMETRIC_FORMS
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 MODES = ("features", "end_to_end")

@@ -146,6 +146,8 @@ class Trainer:
             "quantization_weight": float(config.loss.quantization_weight),
             "symmetric_form": config.loss.symmetric_form,
             "classification_weight": float(config.loss.classification_weight),
+            "num_classes": int(splits.train.num_classes),
+            "seed": self.seed,
         }
         self.plan = inputs.make_step_plan(config, len(splits.train))
         self.mean, self.std = input_normalization(config.model.backbone)

@@ -14,9 +14,10 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from aqhash_jax import losses
+from aqhash_jax import hash_centers, losses
 from aqhash_jax.models.hashing import HashModel
 
 
@@ -71,6 +72,23 @@ def apply_model(
     return outputs, batch_stats
 
 
+@functools.lru_cache(maxsize=8)
+def _centers_for(num_classes: int, code_length: int, aux_bits: int, seed: int) -> np.ndarray:
+    main = hash_centers.make_hash_centers(num_classes, code_length, seed=seed)
+    if aux_bits == 0:
+        return main.astype(np.float32)
+    aux = hash_centers.make_hash_centers(num_classes, aux_bits, seed=seed + 1)
+    return np.concatenate([main, aux], axis=1).astype(np.float32)
+
+
+def _class_centers(loss_config: dict, outputs: dict) -> np.ndarray:
+    """Class centres [num_classes, K + A]: separate centre sets for the main and auxiliary bits,
+    so the K bits kept at inference are well separated on their own."""
+    code_length = outputs["codes"].shape[-1]
+    aux_bits = outputs["aux_codes"].shape[-1] if outputs.get("aux_codes") is not None else 0
+    return _centers_for(int(loss_config["num_classes"]), code_length, aux_bits, int(loss_config.get("seed", 0)))
+
+
 def compute_loss(
     outputs: dict,
     batch: dict,
@@ -103,6 +121,7 @@ def compute_loss(
             similarity_weight=float(loss_config["similarity_weight"]),
             quantization_weight=float(loss_config["quantization_weight"]),
             form=loss_config["symmetric_form"],
+            centers=_class_centers(loss_config, outputs) if loss_config["symmetric_form"] == "centers" else None,
         )
 
     classification_weight = float(loss_config["classification_weight"])
