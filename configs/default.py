@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 0  # 0 = no classification term, -1 = number of classes
     config.model.norm = "batch"
     config.model.bottleneck_width = 256
+    # h_k = tanh(s * w . normalize(a_k)); the reference release uses s = 1, not learned.
+    config.model.compression_scale = 1.0
+    config.model.learn_compression_scale = False
     config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params stay float32
     config.model.conv_impl = "auto"
 

@@ -32,6 +32,8 @@ def model_config_dict(config: Any, code_length: int, num_classes: int) -> dict:
         "num_classes": int(num_classes),
         "norm": model.norm,
         "bottleneck_width": int(model.bottleneck_width),
+        "compression_scale": float(model.compression_scale),
+        "learn_compression_scale": bool(model.learn_compression_scale),
         "dtype": model.dtype,
         "conv_impl": model.conv_impl,
         "image_size": int(config.data.image_size),
