@@ -186,6 +186,7 @@ def adsh_loss(
     return scale * (square_term + gamma * quantization_term) / normaliser
 
 
+@jax.jit
 def adsh_objective(U, B, sampled_indices, sampled_labels, db_labels, gamma: float) -> jax.Array:
     """Compute the full ADSH objective ||U B^T - c S||^2 + gamma ||B[idx] - U||^2.
 
@@ -233,6 +234,7 @@ def _dcc_sweep(codes, U, sampled_indices, similarity, gamma):
     return jax.lax.fori_loop(0, bits, update_bit, codes)
 
 
+@jax.jit
 def adsh_dcc_update(B, U, sampled_indices, sampled_labels, db_labels, gamma: float) -> jax.Array:
     """Update the database codes by one sweep of discrete cyclic coordinate descent.
 
@@ -252,7 +254,8 @@ def adsh_dcc_update(B, U, sampled_indices, sampled_labels, db_labels, gamma: flo
       gamma: quantisation weight.
 
     Returns:
-      The new B, same dtype and shape as ``B``.
+      The new B, same dtype and shape as ``B``. The function is jitted; the checks on shapes
+      and dtypes run when it is traced.
     """
     _check_code_matrix("B", B)
     _check_float_matrix("U", U)

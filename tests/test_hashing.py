@@ -210,6 +210,7 @@ def test_overfit_symmetric_objective(form, quantization_weight):
     assert_perfect_retrieval(encode(params), labels)
 
 
+@pytest.mark.slow
 def test_overfit_adsh_objective():
     maps, labels = class_features(seed=1)
     model = build_model(head_config(aux="rolled", aux_bits=None, aux_total_bits=24))
@@ -238,12 +239,12 @@ def test_overfit_adsh_objective():
         (params, opt_state), (loss, codes, grads) = jax.lax.scan(
             step, (params, opt_state), None, length=50
         )
-        # As in the release, U holds the outputs recorded during the outer iteration's
+        # As in the release, U contains the outputs recorded during the outer iteration's
         # training steps (here those of its last step).
         return params, opt_state, loss[-1], codes[-1], grads
 
     # B starts from one DCC sweep of the untrained network's outputs against B = 0.
-    initial_outputs = losses.loss_codes(forward(params, True))
+    initial_outputs = jax.jit(lambda params: losses.loss_codes(forward(params, True)))(params)
     code_matrix = losses.adsh_dcc_update(
         np.zeros((8, 24), np.float32), initial_outputs, indices, labels, labels, gamma
     ).astype(jnp.int8)

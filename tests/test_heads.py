@@ -40,9 +40,9 @@ _variables_cache = {}
 
 
 def init_head(head, maps):
-    """Return initial variables, shared by heads that differ only in aux, dtype or classes.
+    """Return initial variables, shared by heads that differ only in aux or dtype.
 
-    Those fields add no parameters (test_aux_branch_has_no_parameters checks the aux part).
+    Neither field adds parameters (test_aux_branch_has_no_parameters checks the aux part).
     """
     twin = head.clone(aux="none", aux_bits=None, dtype=jnp.float32)
     cache_key = (twin, tuple((m.shape, str(m.dtype)) for m in maps))
@@ -286,26 +286,33 @@ def test_main_codes_same_in_train_and_inference():
         np.testing.assert_allclose(training, inference, atol=1e-5)
 
 
-def test_config_variants_run():
-    maps = cnn_maps(grid=10)
-    variants = [
+@pytest.mark.parametrize(
+    "variant",
+    [
         dict(encoder_layers=0),
         dict(encoder_layers=2, decoder_layers=2, query_self_attention=True),
         dict(norm="layer"),
         dict(learn_compression_scale=True, compression_scale=3.0),
-    ]
-    key = jax.random.key(1, impl="unsafe_rbg")
-    for variant in variants:
-        head = AttributeHashHead(8, **SMALL, **variant)
-        # One compilation per variant: initialise and run the training forward pass together.
-        init_and_run = jax.jit(
-            lambda key, maps: head.init_with_output(key, maps, train=True, return_attention=True)[0]
-        )
-        outputs = init_and_run(key, maps)
-        assert outputs["codes"].shape == (2, 8)
-        assert outputs["attention"].shape == (2, 8, 125)
-    head = AttributeHashHead(8, norm="layer", **SMALL)
-    assert "batch_stats" not in init_head(head, maps)
+    ],
+    ids=["no_encoder", "deeper_self_attention", "layer_norm", "learned_scale"],
+)
+def test_config_variant_runs(variant):
+    maps = cnn_maps(grid=10)
+    head = AttributeHashHead(8, **SMALL, **variant)
+    # One compilation: initialise and run the training forward pass together.
+    init_and_run = jax.jit(
+        lambda key, maps: head.init_with_output(key, maps, train=True, return_attention=True)
+    )
+    outputs, variables = init_and_run(jax.random.key(1, impl="unsafe_rbg"), maps)
+    assert outputs["codes"].shape == (2, 8)
+    assert outputs["aux_codes"].shape == (2, 8)
+    assert outputs["attention"].shape == (2, 8, 125)
+    assert np.all(np.isfinite(np.asarray(outputs["codes"])))
+    if variant.get("norm") == "layer":
+        assert "batch_stats" not in variables
+    if variant.get("learn_compression_scale"):
+        log_scale = variables["params"]["compression"]["log_scale"]
+        np.testing.assert_allclose(float(log_scale), np.log(3.0), rtol=1e-6)
 
 
 def test_fixed_compression_scale_sharpens_codes():
@@ -349,6 +356,8 @@ def test_invalid_inputs_raise():
         trace_init(head, [maps[0], maps[1][:1]])
     with pytest.raises(ValueError, match="ordered"):
         trace_init(head, [maps[1], maps[0]])
+    with pytest.raises(ValueError, match="ordered"):
+        trace_init(head, [maps[0], maps[0]])
     with pytest.raises(ValueError, match="list"):
         trace_init(head, maps[0])
     with pytest.raises(ValueError, match="max_grid_size"):

@@ -647,10 +647,12 @@ class AttributeHashHead(nn.Module):
             )
         if len(feature_maps) == 2:
             high, low = feature_maps[0].shape[1:3], feature_maps[1].shape[1:3]
-            if 2 * low[0] < high[0] or 2 * low[1] < high[1] or low[0] > high[0]:
+            expected = tuple(-(-side // 2) for side in high)
+            if tuple(low) != expected:
                 raise ValueError(
-                    f"feature_maps must be ordered (stride 16, stride 32) with the second at about "
-                    f"half the size of the first, got grids {tuple(high)} and {tuple(low)}."
+                    f"feature_maps must be ordered (stride 16, stride 32) with the second grid "
+                    f"ceil(h/2) x ceil(w/2) of the first, got grids {tuple(high)} and "
+                    f"{tuple(low)} (expected {expected} for the second)."
                 )
 
     def _auxiliary_queries(self, queries):
