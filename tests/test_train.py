@@ -1,4 +1,4 @@
-"""End-to-end tests of the training job on a tiny image folder (features mode, ViT-Ti at 32 px)."""
+"""End-to-end tests of the training job on a tiny image folder (ViT-Ti at 32 px, mostly features mode)."""
 
 from __future__ import annotations
 
