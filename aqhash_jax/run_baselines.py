@@ -35,19 +35,23 @@ from aqhash_jax.retrieval import retrieval_metrics
 from aqhash_jax.training import feature_cache
 from aqhash_jax.training.model_init import backbone_variables, variables_fingerprint
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, for example configs/cub100.py.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the saved features and the result files.")
-_BITS = flags.DEFINE_list("bits", ["12", "24", "32", "48"], "Comma-separated code lengths in bits.")
-_LSH_SEEDS = flags.DEFINE_integer("lsh_seeds", 3, "Number of LSH projection seeds to average over.")
-_LINEAR_EPOCHS = flags.DEFINE_integer("linear_epochs", 100, "Training epochs of the linear supervised hash.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of ITQ and of the linear supervised hash.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Images per batch during feature extraction.")
-_FEATURE_CACHE_DIR = flags.DEFINE_string(
-    "feature_cache_dir",
-    "",
-    "Training feature cache to read pooled features from; empty uses config.train.feature_cache_dir, "
-    "else WORKDIR/feature_cache.",
-)
+def define_flags() -> None:
+    """Define the command-line flags. Called only when the module runs as a program, because
+    aqhash_jax.train defines a flag of the same name ("config") and both are imported in tests."""
+    config_flags.DEFINE_config_file("config", None, "Training config file, for example configs/cub100.py.")
+    flags.DEFINE_string("workdir", None, "Folder for the saved features and the result files.")
+    flags.DEFINE_list("bits", ["12", "24", "32", "48"], "Comma-separated code lengths in bits.")
+    flags.DEFINE_integer("lsh_seeds", 3, "Number of LSH projection seeds to average over.")
+    flags.DEFINE_integer("linear_epochs", 100, "Training epochs of the linear supervised hash.")
+    flags.DEFINE_integer("seed", 0, "Seed of ITQ and of the linear supervised hash.")
+    flags.DEFINE_integer("batch_size", 32, "Images per batch during feature extraction.")
+    flags.DEFINE_string(
+        "feature_cache_dir",
+        "",
+        "Training feature cache to read pooled features from; empty uses config.train.feature_cache_dir, "
+        "else WORKDIR/feature_cache.",
+    )
+
 
 METHODS = ("lsh", "itq", "linear")
 METHOD_TITLES = {"lsh": "LSH", "itq": "ITQ", "linear": "linear supervised"}
@@ -427,13 +431,13 @@ def describe_hardware() -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     if config is None:
         raise app.UsageError("--config is missing; pass a config file such as --config=configs/cub100.py.")
-    workdir = _WORKDIR.value
+    workdir = flags.FLAGS.workdir
     if not workdir:
         raise app.UsageError("--workdir is missing; pass a folder for the features and results.")
-    code_lengths = parse_bits(_BITS.value)
+    code_lengths = parse_bits(flags.FLAGS.bits)
     os.makedirs(workdir, exist_ok=True)
     total_start = time.perf_counter()
 
@@ -443,8 +447,8 @@ def main(argv: list[str]) -> None:
     config.data.validation_fraction = 0.0
     config.data.validation_per_class = 0
 
-    cache_root = _FEATURE_CACHE_DIR.value or config.train.feature_cache_dir or os.path.join(workdir, "feature_cache")
-    features, labels, feature_info = load_or_extract_features(config, workdir, cache_root, _BATCH_SIZE.value)
+    cache_root = flags.FLAGS.feature_cache_dir or config.train.feature_cache_dir or os.path.join(workdir, "feature_cache")
+    features, labels, feature_info = load_or_extract_features(config, workdir, cache_root, flags.FLAGS.batch_size)
     logging.info(
         "features: database %s, query %s", features["database"].shape, features["query"].shape
     )
@@ -453,9 +457,9 @@ def main(argv: list[str]) -> None:
         features,
         labels,
         code_lengths,
-        lsh_seeds=_LSH_SEEDS.value,
-        seed=_SEED.value,
-        linear_epochs=_LINEAR_EPOCHS.value,
+        lsh_seeds=flags.FLAGS.lsh_seeds,
+        seed=flags.FLAGS.seed,
+        linear_epochs=flags.FLAGS.linear_epochs,
     )
     data_name = os.path.basename(os.path.normpath(str(config.data.root))) or str(config.data.tfds_name)
     report = {
@@ -466,7 +470,7 @@ def main(argv: list[str]) -> None:
         "num_query": int(features["query"].shape[0]),
         "feature_dim": int(features["database"].shape[1]),
         "bits": code_lengths,
-        "settings": {"lsh_seeds": _LSH_SEEDS.value, "seed": _SEED.value, "linear_epochs": _LINEAR_EPOCHS.value,
+        "settings": {"lsh_seeds": flags.FLAGS.lsh_seeds, "seed": flags.FLAGS.seed, "linear_epochs": flags.FLAGS.linear_epochs,
                      "itq_iterations": 50},
         "features": feature_info,
         "results": results,
@@ -487,4 +491,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
