@@ -277,13 +277,14 @@ def run(args: argparse.Namespace) -> str:
     results: dict[tuple[str, str], float] = {}
     for mode in ("forward", "forward+backward"):
         for name, fns in candidates.items():
-            logging.info("Warming up %s %s", name, mode)
-            fns[mode]()
+            logging.info("Compiling and warming up %s %s", name, mode)
             fns[mode]()
         best = {name: float("inf") for name in candidates}
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for name, fns in candidates.items():
-                best[name] = min(best[name], _time_best(fns[mode], 1))
+                seconds = _time_best(fns[mode], 1)
+                best[name] = min(best[name], seconds)
+                logging.info("Round %d, %s %s: %.2f s", round_index, name, mode, seconds)
         for name in candidates:
             results[(name, mode)] = args.batch / best[name]
             logging.info("%s %s: %.1f images/s", name, mode, results[(name, mode)])
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="images per batch")
     parser.add_argument("--size", type=int, default=224, help="input height and width in pixels")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads; also the peak estimate's core count")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the best is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
     parser.add_argument("--command", default=None, help=argparse.SUPPRESS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
@@ -173,18 +174,13 @@ def conv_pointwise(
     return jnp.dot(x, kernel[0, 0], precision=precision)
 
 
-def conv_depthwise(
+def _depthwise_taps(
     x: jax.Array,
     kernel: jax.Array,
     strides: tuple[int, int],
     pads: tuple[tuple[int, int], tuple[int, int]],
 ) -> jax.Array:
-    """Compute a depthwise convolution as a sum of kh*kw shifted multiply-adds.
-
-    x: [batch, H, W, C]; kernel: [kh, kw, 1, C]. Each tap (i, j) multiplies the strided window
-    of the padded input that starts at (i, j) by one weight per channel. Products are summed in
-    float32 (or the wider input dtype) and cast back to the dtype of `x`.
-    """
+    """Sum kh*kw shifted multiply-adds; the forward formulation behind `conv_depthwise`."""
     kh, kw = kernel.shape[0], kernel.shape[1]
     batch, height, width, channels = x.shape
     out_h = _output_size(height, pads[0], kh, strides[0])
@@ -206,6 +202,76 @@ def conv_depthwise(
             term = window.astype(accumulate_dtype) * weights[i, j]
             total = term if total is None else total + term
     return total.astype(x.dtype)
+
+
+def _depthwise_kernel_grad(
+    x: jax.Array,
+    grad_out: jax.Array,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """Compute d loss / d kernel [kh, kw, 1, C] of a depthwise convolution, one image at a time.
+
+    Each tap needs sum over (batch, H, W) of window * grad_out. XLA's CPU backend reduces over
+    the leading axes of a whole batch several times slower than over one image's cache-sized
+    block, so a `lax.scan` over the batch accumulates the per-image sums.
+    """
+    kh, kw = kernel_shape[0], kernel_shape[1]
+    out_h, out_w, channels = grad_out.shape[1:]
+    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    accumulate_dtype = jnp.promote_types(x.dtype, jnp.float32)
+
+    def add_image(total, image_and_grad):
+        image, grad = image_and_grad
+        grad = grad.astype(accumulate_dtype)
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                window = lax.slice(
+                    image,
+                    (i, j, 0),
+                    (i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, channels),
+                    (strides[0], strides[1], 1),
+                )
+                taps.append(jnp.sum(window.astype(accumulate_dtype) * grad, axis=(0, 1)))
+        return total + jnp.stack(taps), None
+
+    total, _ = lax.scan(add_image, jnp.zeros((kh * kw, channels), accumulate_dtype), (x, grad_out))
+    return total.reshape(kh, kw, 1, channels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_depthwise(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """Compute a depthwise convolution as a sum of kh*kw shifted multiply-adds.
+
+    x: [batch, H, W, C]; kernel: [kh, kw, 1, C]. Each tap (i, j) multiplies the strided window
+    of the padded input that starts at (i, j) by one weight per channel. Products are summed in
+    float32 (or the wider input dtype) and cast back to the dtype of `x`. The input gradient is
+    the autodiff of these taps, and the kernel gradient is accumulated image by image (see
+    `_depthwise_kernel_grad`).
+    """
+    return _depthwise_taps(x, kernel, strides, pads)
+
+
+def _conv_depthwise_fwd(x, kernel, strides, pads):
+    return _depthwise_taps(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_depthwise_bwd(strides, pads, residuals, grad_out):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _depthwise_taps(x, kernel, strides, pads), x)
+    (grad_x,) = input_vjp(grad_out)
+    grad_kernel = _depthwise_kernel_grad(x, grad_out, kernel.shape, strides, pads)
+    return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+conv_depthwise.defvjp(_conv_depthwise_fwd, _conv_depthwise_bwd)
 
 
 class Conv(nn.Module):
@@ -278,7 +344,7 @@ class Conv(nn.Module):
         if impl == "fast" and is_pointwise:
             y = conv_pointwise(inputs, kernel, strides, pads, self.precision)
         elif impl == "fast" and is_depthwise:
-            y = conv_depthwise(inputs, kernel, strides, pads)
+            y = conv_depthwise(inputs, kernel, strides, tuple(map(tuple, pads)))
         else:
             y = conv_native(inputs, kernel, strides, pads, groups, self.precision)
 
