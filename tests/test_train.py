@@ -197,3 +197,16 @@ def test_end_to_end_resume_matches(data_root, tmp_path):
     resumed = {r["step"]: r["loss"] for r in train_records(tmp_path / "resumed")}
     uninterrupted = {r["step"]: r["loss"] for r in train_records(tmp_path / "uninterrupted")}
     assert resumed[4] == pytest.approx(uninterrupted[4], rel=1e-6)
+
+
+@pytest.mark.parametrize("form", ["pairwise_balanced", "centers"])
+def test_symmetric_objective_checkpoints_and_exports(data_root, cache_dir, tmp_path, form):
+    config = tiny_config(data_root, cache_dir, num_steps=4, checkpoint_every=2)
+    config.loss.objective = "symmetric"
+    config.loss.symmetric_form = form
+
+    results = train.run_job(config, os.fspath(tmp_path))
+
+    assert list(results) == [config.model.code_length]
+    assert "asymmetric" not in json.loads((tmp_path / "metrics.json").read_text())
+    assert load_codes(tmp_path / "export" / "query_codes.npy").code_length == config.model.code_length

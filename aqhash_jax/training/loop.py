@@ -195,8 +195,10 @@ class Trainer:
             ).astype(np.int8)
             sample_codes = np.zeros((self.plan.population, num_loss_bits), np.float32)
         else:
-            code_matrix = np.zeros((0, num_loss_bits), np.int8)
-            sample_codes = np.zeros((0, num_loss_bits), np.float32)
+            # The symmetric objective uses neither array. One unused row keeps them savable,
+            # because orbax rejects zero-size arrays.
+            code_matrix = np.zeros((1, num_loss_bits), np.int8)
+            sample_codes = np.zeros((1, num_loss_bits), np.float32)
 
         state = TrainState(
             step=np.zeros((), np.int32),
