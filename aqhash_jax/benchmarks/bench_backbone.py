@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> str:
     lines = [
         f"## EfficientNet-{args.variant.capitalize()} backbone throughput on CPU",
         "",
-        f"Command: `{' '.join(sys.argv) if args.command is None else args.command}`",
+        f"Command: `python -m aqhash_jax.benchmarks.bench_backbone {' '.join(sys.argv[1:])}`",
         "",
         f"Hardware: {_hardware()}; JAX {jax.__version__} on {jax.default_backend()}; "
         f"batch {args.batch}, {args.size} px, {args.threads} threads, best of {args.rounds} "
@@ -342,7 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
-    parser.add_argument("--command", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("batch", "size", "threads", "rounds"):
         if getattr(args, name) < 1:
