@@ -56,6 +56,10 @@ def registered_families() -> list[str]:
 
 
 def _find_loader(name: str) -> Loader:
+    # The ViT and ResNet-50 loaders register themselves when their module is imported; it is
+    # imported here, not at the top, because it imports this module.
+    from aqhash_jax import pretrained_formats  # noqa: F401
+
     matches = [family for family in _LOADERS if name.startswith(family)]
     if not matches:
         raise ValueError(

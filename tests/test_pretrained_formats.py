@@ -500,3 +500,21 @@ def test_registry_loader_imagenet_names_weight_source(backbone, source_hint):
     assert "resnet" in pretrained.registered_families()
     with pytest.raises(FileNotFoundError, match=source_hint):
         pretrained_formats.load_for_registry(backbone, "imagenet")
+
+
+def test_loaders_registered_without_import():
+    # A fresh interpreter that imports only aqhash_jax.pretrained must still find the loaders.
+    import subprocess
+    import sys
+
+    code = (
+        "from aqhash_jax import pretrained\n"
+        "pretrained._find_loader('vit_b16')\n"
+        "pretrained._find_loader('resnet50')\n"
+        "print(pretrained.registered_families())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr
+    assert "'resnet'" in result.stdout
+    assert "'vit'" in result.stdout
