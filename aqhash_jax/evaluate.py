@@ -56,7 +56,7 @@ def load_code_input(path: str, what: str) -> CodeFile:
         return load_codes(path)
     raw = _load_array(path, what)
     if raw.dtype == np.uint32:
-        raise InputError(f"{what} file {path} holds packed uint32 words but has no sidecar {path}.json; export it with save_codes")
+        raise InputError(f"{what} file {path} contains packed uint32 words but has no sidecar {path}.json; export it with save_codes")
     packed, code_length = prepare_codes(raw, None, what)
     return CodeFile(path=path, packed=packed, code_length=code_length, metadata={})
 

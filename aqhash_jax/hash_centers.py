@@ -3,9 +3,11 @@
 The "centers" symmetric objective pulls every image's code towards the centre of its class (as in
 central similarity quantization, Yuan et al., CVPR 2020). Retrieval quality then depends on how far
 apart the centres are: two classes whose centres differ in one bit are confused by a single flipped
-bit. `make_hash_centers` picks the centres greedily by farthest-point selection over a candidate
-pool, which for short codes is the whole code space (all 4,096 codes at 12 bits), so 100 centres at
-12 bits reach a minimum distance of 4 instead of the 1 or 2 that random centres give.
+bit. `make_hash_centers` picks the centres by farthest-point selection over a candidate pool. For
+codes of up to 16 bits the pool is a lexicode: the greedy code that scans all codes in
+lexicographic order and keeps each one at distance >= d from those already chosen, with the largest
+d that still gives enough codewords. So 100 centres at 12 bits are at least 4 bits apart, where
+random centres give 1 or 2. Longer codes draw the pool at random.
 """
 
 from __future__ import annotations
@@ -41,9 +43,8 @@ def _candidate_pool(num_classes: int, code_length: int, rng: np.random.Generator
 def make_hash_centers(num_classes: int, code_length: int, *, seed: int = 0) -> np.ndarray:
     """Choose `num_classes` centres of `code_length` bits with a large minimum Hamming distance.
 
-    Farthest-point selection over the candidate pool (a lexicode for codes of up to 16 bits, random
-    codes above): start from a random candidate, then repeatedly add the candidate
-    whose distance to its nearest chosen centre is largest (ties go to the earlier candidate in a
+    Farthest-point selection over the candidate pool: start from a random candidate, then
+    repeatedly add the candidate whose distance to its nearest chosen centre is largest (ties go to the earlier candidate in a
     seeded shuffle). Deterministic for a seed.
 
     Returns int8 [num_classes, code_length] in {-1,+1}.

@@ -1,7 +1,7 @@
 """English names of the 1000 ImageNet-1k (ILSVRC 2012) classes, in the standard class-index order.
 
 Index i is the i-th WordNet synset in sorted order (n01440764 "tench" is 0, n15075141 "toilet paper"
-is 999), the order every ImageNet classifier head uses. The two synsets named "crane" are told apart
+is 999), the order every ImageNet classifier head uses. The two synsets named "crane" are distinguished
 as "crane (bird)" (134) and "crane (machine)" (517).
 """
 

@@ -306,8 +306,8 @@ def symmetric_loss(
       three or more mutually dissimilar classes, so its minimum stays above zero.
     - form "pairwise_balanced": the same squared error, but the similar and the dissimilar pairs
       are averaged separately and the two means added. With C balanced classes only about 1/C
-      of the pairs are similar, so the plain mean mostly teaches "be far from everything"; the
-      balanced mean gives both kinds of pair equal weight.
+      of the pairs are similar, so the plain mean mostly pushes codes apart. The balanced
+      mean gives both kinds of pair equal weight.
     - form "centers": central similarity (Yuan et al., CVPR 2020). Every class has a fixed
       target code (`centers`, from `aqhash_jax.hash_centers.make_hash_centers`) and
       L_sim = mean over images and bits of the binary cross-entropy between (h + 1) / 2 and

@@ -63,7 +63,7 @@ def test_center_loss_needs_matching_centers():
 
 
 def test_balanced_pairs_weight_rare_positives():
-    # One similar pair among 8 images: the plain mean barely sees it, the balanced one does.
+    # One similar pair among 8 images: it barely moves the plain mean but weighs half in the balanced one.
     labels = jnp.array([0, 0, 1, 2, 3, 4, 5, 6])
     codes = jnp.tanh(jax.random.normal(jax.random.PRNGKey(0), (8, 16)))
     apart = codes.at[1].set(-codes[0])
