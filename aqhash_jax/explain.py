@@ -210,6 +210,8 @@ class Explainer:
             self.variables,
             probe,
         )
+        if getattr(self.model, "feature_maps", "all") == "last":
+            feature_maps = feature_maps[-1:]
         self.grid_shapes = [tuple(int(side) for side in feature_map.shape[1:3]) for feature_map in feature_maps]
 
     @classmethod

@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
     # h_k = tanh(s * w . normalize(a_k)); the reference release uses s = 1, not learned.
     config.model.compression_scale = 1.0
     config.model.learn_compression_scale = False
+    # Standardise each bit's projection over the batch before the tanh (see BitCompression).
+    config.model.bit_norm = False
+    config.model.feature_maps = "all"  # "all" (two-scale fusion for CNNs) or "last"
     config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params stay float32
     config.model.conv_impl = "auto"
 

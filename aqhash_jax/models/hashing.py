@@ -28,7 +28,7 @@ class HashModel(nn.Module):
     Attributes:
       backbone_name: a name known to ``aqhash_jax.models.backbones.create_backbone``, or None
         for a model that only runs ``from_features``.
-      code_length ... learn_compression_scale: passed to ``AttributeHashHead`` (see there).
+      code_length ... feature_maps: passed to ``AttributeHashHead`` (see there).
       dtype: compute dtype of backbone and head (float32 or bfloat16); parameters are float32.
       conv_impl: convolution formulation of the backbone ("auto" picks per platform).
       image_size: input side in pixels, passed to the backbone (ViT position embeddings);
@@ -54,6 +54,8 @@ class HashModel(nn.Module):
     max_grid_size: int = 64
     compression_scale: float = 1.0
     learn_compression_scale: bool = False
+    bit_norm: bool = False
+    feature_maps: str = "all"
     dtype: Any = jnp.float32
     conv_impl: str = "auto"
     image_size: int | None = None
@@ -77,6 +79,8 @@ class HashModel(nn.Module):
             max_grid_size=self.max_grid_size,
             compression_scale=self.compression_scale,
             learn_compression_scale=self.learn_compression_scale,
+            bit_norm=self.bit_norm,
+            feature_maps=self.feature_maps,
             dtype=self.dtype,
         )
 
@@ -137,7 +141,8 @@ def build_model(model_config: Mapping[str, Any]) -> HashModel:
     Required fields: backbone (a backbone name, or None/"" for a head-only model), code_length.
     Optional fields with the head's defaults: width, num_heads, ffn_dim, encoder_layers,
     decoder_layers, query_self_attention, aux, aux_bits, aux_total_bits, num_classes, norm,
-    bottleneck_width, max_grid_size, compression_scale, learn_compression_scale, dtype
+    bottleneck_width, max_grid_size, compression_scale, learn_compression_scale, bit_norm,
+    feature_maps, dtype
     ("float32" or "bfloat16"), conv_impl, image_size, backbone_kwargs (a mapping).
     """
     for field in ("backbone", "code_length"):
@@ -173,6 +178,8 @@ def build_model(model_config: Mapping[str, Any]) -> HashModel:
         max_grid_size=int(get("max_grid_size", 64)),
         compression_scale=float(get("compression_scale", 1.0)),
         learn_compression_scale=bool(get("learn_compression_scale", False)),
+        bit_norm=bool(get("bit_norm", False)),
+        feature_maps=str(get("feature_maps", "all")),
         dtype=DTYPES[dtype_name],
         conv_impl=str(get("conv_impl", "auto")),
         image_size=model_config.get("image_size", None),

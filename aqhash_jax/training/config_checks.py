@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from aqhash_jax.models.backbones import BACKBONE_NAMES
-from aqhash_jax.models.heads import AUX_BRANCHES, NORMS, auxiliary_bit_count
+from aqhash_jax.models.heads import AUX_BRANCHES, FEATURE_MAP_CHOICES, NORMS, auxiliary_bit_count
 
 OBJECTIVES = ("adsh", "symmetric")
 from aqhash_jax.losses import SYMMETRIC_FORMS
@@ -129,6 +129,7 @@ def check_config(config: Any, *, device_count: int | None = None) -> None:
     _require_choice(model.dtype, "model.dtype", DTYPES)
     _require_choice(model.aux, "model.aux", AUX_BRANCHES)
     _require_choice(model.norm, "model.norm", NORMS)
+    _require_choice(model.feature_maps, "model.feature_maps", FEATURE_MAP_CHOICES)
     _require_int(model.width, "model.width", 1)
     _require_int(model.num_heads, "model.num_heads", 1)
     _require(

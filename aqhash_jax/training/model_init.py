@@ -34,6 +34,8 @@ def model_config_dict(config: Any, code_length: int, num_classes: int) -> dict:
         "bottleneck_width": int(model.bottleneck_width),
         "compression_scale": float(model.compression_scale),
         "learn_compression_scale": bool(model.learn_compression_scale),
+        "bit_norm": bool(model.bit_norm),
+        "feature_maps": model.feature_maps,
         "dtype": model.dtype,
         "conv_impl": model.conv_impl,
         "image_size": int(config.data.image_size),
