@@ -6,7 +6,8 @@
 The data root defaults to ../shared/data/flowers12 next to the repository (an image folder with
 train/ and test/); point elsewhere with --config.data.root=/path/to/flowers12. Database = the
 720 training images, queries = the 240 test images. Same frozen-backbone, cached-feature set-up
-as configs/cub100.py, with more ADSH epochs because the set is small.
+as configs/cub100.py (hash centres, bit norm, stride-32 map), with 60 epochs because the set is
+small.
 
 Expected result: not yet measured. Time: not yet measured.
 """
@@ -39,21 +40,24 @@ def get_config():
     config.model.num_heads = 4
     config.model.ffn_dim = 256
     config.model.bottleneck_width = 64
+    config.model.aux = "pairwise"
+    config.model.feature_maps = "last"
+    config.model.bit_norm = True
 
-    config.loss.objective = "adsh"
-    config.loss.adsh.num_samples = 720
-    config.loss.adsh.outer_iterations = 8
-    config.loss.adsh.epochs_per_iteration = 5
+    config.loss.objective = "symmetric"
+    config.loss.symmetric_form = "centers"
+    config.loss.quantization_weight = 0.1
 
     config.optim.name = "adamw"
-    config.optim.learning_rate = 1e-3
+    config.optim.learning_rate = 3e-3
     config.optim.weight_decay = 1e-4
     config.optim.schedule = "cosine"
-    config.optim.warmup_steps = 50
+    config.optim.warmup_steps = 100
     config.optim.freeze_backbone = True
 
     config.train.mode = "features"
-    config.train.batch_size = 32
+    config.train.batch_size = 64
+    config.train.num_epochs = 60
     config.train.log_every = 50
     config.train.checkpoint_every = 250
 

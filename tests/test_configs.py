@@ -72,6 +72,7 @@ def test_code_length_parsing():
         ("model.init", "resnet50/imagenet", "names weights of resnet50"),
         ("eval.radius", 40, "config.eval.radius=40 exceeds the code length"),
         ("model.dtype", "float16", "config.model.dtype='float16'"),
+        ("model.feature_maps", "first", "config.model.feature_maps='first'"),
     ],
 )
 def test_invalid_values_named(field, value, expected):

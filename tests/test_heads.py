@@ -315,6 +315,75 @@ def test_config_variant_runs(variant):
         np.testing.assert_allclose(float(log_scale), np.log(3.0), rtol=1e-6)
 
 
+def test_bit_norm_balances_every_bit_in_training():
+    # Without bit_norm a fresh head gives nearly the same code to every image; with it each
+    # bit is standardised over the batch, so every main and auxiliary bit splits the batch.
+    maps = vit_maps(batch=16, grid=4, seed=3)
+    plain = AttributeHashHead(8, aux="pairwise", **SMALL)
+    normed = AttributeHashHead(8, aux="pairwise", bit_norm=True, **SMALL)
+    variables = jax.jit(lambda key, maps: normed.init(key, maps, train=False))(
+        jax.random.key(1, impl="unsafe_rbg"), maps
+    )
+    assert set(variables["batch_stats"]["compression"]) == {"bit_norm"}
+    assert variables["batch_stats"]["compression"]["bit_norm"]["mean"].shape == (8,)
+
+    outputs = run(normed, variables, maps, train=True)
+    for name in ("codes", "aux_codes"):
+        codes = np.asarray(outputs[name])
+        assert codes.shape == (16, 8)
+        np.testing.assert_allclose(np.arctanh(codes).mean(axis=0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(np.arctanh(codes).std(axis=0), 1.0, atol=1e-2)
+        assert np.all(np.abs((codes > 0).mean(axis=0) - 0.5) < 0.5), name
+
+    plain_variables = {"params": variables["params"]}
+    plain_codes = np.asarray(run(plain, plain_variables, maps)["codes"])
+    normed_spread = np.arctanh(np.asarray(outputs["codes"])).std(axis=0)
+    assert np.all(plain_codes.std(axis=0) < 0.2 * normed_spread)
+
+
+def test_bit_norm_inference_uses_running_statistics():
+    maps = vit_maps(batch=8, grid=4, seed=4)
+    head = AttributeHashHead(8, aux="none", bit_norm=True, compression_scale=2.0, **SMALL)
+    variables = jax.jit(lambda key, maps: head.init(key, maps, train=False))(
+        jax.random.key(1, impl="unsafe_rbg"), maps
+    )
+    stats = variables["batch_stats"]["compression"]["bit_norm"]
+    shifted = {
+        "params": variables["params"],
+        "batch_stats": {"compression": {"bit_norm": {"mean": stats["mean"] + 0.01, "var": stats["var"] * 4.0}}},
+    }
+    plain = AttributeHashHead(8, aux="none", compression_scale=2.0, **SMALL)
+    projection = np.arctanh(np.asarray(run(plain, {"params": variables["params"]}, maps)["codes"])) / 2.0
+    expected = np.tanh(2.0 * (projection - 0.01) / np.sqrt(4.0 * np.asarray(stats["var"]) + 1e-5))
+    codes = np.asarray(run(head, shifted, maps)["codes"])
+    np.testing.assert_allclose(codes, expected, atol=2e-4)
+
+    # A batch of one image codes the same alone as inside a larger batch.
+    single = np.asarray(run(head, shifted, [maps[0][:1]])["codes"])
+    np.testing.assert_allclose(single, codes[:1], atol=1e-5)
+
+
+def test_last_feature_map_only():
+    maps = cnn_maps(grid=10)
+    last = AttributeHashHead(8, aux="none", feature_maps="last", **SMALL)
+    variables = jax.jit(lambda key, maps: last.init(key, maps, train=False))(
+        jax.random.key(1, impl="unsafe_rbg"), maps
+    )
+    subtle = variables["params"]["subtle_features"]
+    assert "top_down_reduce" not in subtle and "project_1" not in subtle
+
+    outputs = run(last, variables, maps, return_attention=True)
+    assert outputs["attention"].shape == (2, 8, 25)
+
+    # The same as a one-map head given the stride-32 map alone.
+    alone = AttributeHashHead(8, aux="none", **SMALL)
+    expected = run(alone, variables, maps[1:], return_attention=True)
+    np.testing.assert_allclose(np.asarray(outputs["codes"]), np.asarray(expected["codes"]), atol=1e-6)
+
+    with pytest.raises(ValueError, match="feature_maps must be one of"):
+        trace_init(AttributeHashHead(8, feature_maps="first", **SMALL), maps)
+
+
 def test_fixed_compression_scale_sharpens_codes():
     maps = vit_maps(grid=4)
     head1 = AttributeHashHead(8, **SMALL)
