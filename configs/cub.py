@@ -11,6 +11,9 @@ first stage frozen, d = 384, 8 heads, FFN 2048, rolled auxiliary queries up to 9
 with gamma 200, 40 outer iterations x 30 epochs over 2,000 sampled images, SGD momentum 0.9,
 learning rate 3e-4 (x0.1 after iteration 30), weight decay 1e-4, batch 16, 224 px random resized
 crop and flip, evaluation resize 256 and centre crop 224. Meant for an accelerator.
+Bit norm is off, as in the release; on cub100 the release's compression gave nearly one code to
+every image at the start of training, and --config.model.bit_norm=True is the measured fix
+(BENCHMARKS.md).
 
 Expected result: not yet measured. Time: not yet measured.
 """
