@@ -9,7 +9,10 @@ train/ and test/); point elsewhere with --config.data.root=/path/to/flowers12. D
 as configs/cub100.py (hash centres, bit norm, stride-32 map), with 60 epochs because the set is
 small.
 
-Expected result: not yet measured. Time: not yet measured.
+Measured (2-core AMD EPYC VM, JAX 0.10.2 on the CPU), symmetric tie-aware mAP@all at
+12/24/32/48 bits: 0.973/0.971/0.976/0.974 (ranked 0.976/0.970/0.976/0.974), against 0.970/0.966/
+0.974/0.970 for the linear supervised hash of BENCHMARKS.md on the same features. The
+four-code-length command took 371 s from scratch (30 s of feature extraction).
 """
 
 from __future__ import annotations

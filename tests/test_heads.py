@@ -316,8 +316,8 @@ def test_config_variant_runs(variant):
 
 
 def test_bit_norm_balances_every_bit_in_training():
-    # Without bit_norm a fresh head gives nearly the same code to every image; with it each
-    # bit is standardised over the batch, so every main and auxiliary bit splits the batch.
+    # Without bit_norm a fresh head gives nearly the same code to every image. With it each bit
+    # is standardised over the batch, so every main and auxiliary bit splits the batch.
     maps = vit_maps(batch=16, grid=4, seed=3)
     plain = AttributeHashHead(8, aux="pairwise", **SMALL)
     normed = AttributeHashHead(8, aux="pairwise", bit_norm=True, **SMALL)
@@ -370,7 +370,8 @@ def test_last_feature_map_only():
         jax.random.key(1, impl="unsafe_rbg"), maps
     )
     subtle = variables["params"]["subtle_features"]
-    assert "top_down_reduce" not in subtle and "project_1" not in subtle
+    assert "top_down_reduce" not in subtle
+    assert "project_1" not in subtle
 
     outputs = run(last, variables, maps, return_attention=True)
     assert outputs["attention"].shape == (2, 8, 25)
