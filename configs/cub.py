@@ -20,20 +20,11 @@ Expected result: not yet measured. Time: not yet measured.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-
-def _default_config():
-    # Loaded by path so the config works from any working directory.
-    spec = importlib.util.spec_from_file_location("aqhash_default_config", Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from aqhash_jax.default_config import get_config as default_config
 
 
 def get_config():
-    config = _default_config()
+    config = default_config()
     config.data.source = "tfds"
     config.data.tfds_name = "caltech_birds2011"
     config.data.image_size = 224
