@@ -8,6 +8,9 @@ flags, so `--config.a.b=value` overrides any of them.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -102,3 +105,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.export = ml_collections.ConfigDict()
     config.export.enabled = True
     return config
+
+
+def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Load a config file (a Python file with `get_config()`, such as configs/cub100.py).
+
+    Returns the ConfigDict that its `get_config()` builds. Raises ValueError when the file is
+    missing or defines no `get_config()`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path} not found; pass the path of an existing config file")
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"aqhash_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config() function")
+    return module.get_config()

@@ -45,6 +45,7 @@ from aqhash_jax import bit_stats
 from aqhash_jax import explain_plots as plots
 from aqhash_jax.data.images import ImageDecodeError, center_crop_box, decode_crop
 from aqhash_jax.models.backbones import input_normalization
+from aqhash_jax.models.heads import select_feature_maps
 from aqhash_jax.retrieval.codes import sign_codes
 from aqhash_jax.retrieval.export import load_codes
 from aqhash_jax.training.export import EXPORT_DIR, load_trained_model
@@ -210,8 +211,7 @@ class Explainer:
             self.variables,
             probe,
         )
-        if getattr(self.model, "feature_maps", "all") == "last":
-            feature_maps = feature_maps[-1:]
+        feature_maps = select_feature_maps(feature_maps, self.model.feature_maps)
         self.grid_shapes = [tuple(int(side) for side in feature_map.shape[1:3]) for feature_map in feature_maps]
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from aqhash_jax.default_config import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,10 +33,7 @@ def make_image_folder(root: Path, *, num_classes: int = 4, train_per_class: int 
 
 def load_config(name: str = "tiny"):
     """Load `configs/<name>.py` and return its ConfigDict."""
-    spec = importlib.util.spec_from_file_location(f"test_config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def run_train(workdir: Path, overrides: dict, *, devices: int = 1, extra_env: dict | None = None,

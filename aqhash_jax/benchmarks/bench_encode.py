@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import math
 import os
 import platform
@@ -48,6 +47,7 @@ from absl import logging
 from aqhash_jax.benchmarks.bench_backbone import _write_atomic, estimate_peak_flops
 from aqhash_jax.benchmarks.bench_input import _cpu_model, _default_root, _load_average, _time_loader
 from aqhash_jax.data import pipeline, sources
+from aqhash_jax.default_config import load_config_file
 from aqhash_jax.models.backbones import input_normalization
 from aqhash_jax.models.hashing import HashModel, build_model
 
@@ -95,17 +95,6 @@ def _jax_thread_count() -> tuple[int, str]:
         return os.cpu_count() or 1, "os.cpu_count()"
 
 
-def load_config(path: Path):
-    """Load a config file (a Python file with `get_config()`) and return its ConfigDict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {path} not found; pass an existing file to --configs")
-    spec = importlib.util.spec_from_file_location(f"bench_encode_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config() function")
-    return module.get_config()
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +175,7 @@ def _compile(function: Callable, variables: Any, images: jax.Array) -> tuple[Cal
     """Jit and compile `function(variables, images)`, and return a blocking call and its FLOPs per call."""
     compiled = jax.jit(function).lower(variables, images).compile()
     analysis = compiled.cost_analysis()
-    # Older JAX versions return a list with one dict per computation.
+    # Some JAX versions return a list with one dict per computation.
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     flops = float((analysis or {}).get("flops", float("nan")))
@@ -214,7 +203,7 @@ def build_candidates(config_paths: list[Path], code_lengths: list[int], *, batch
     candidates: list[ModelCandidate] = []
 
     for config_path in config_paths:
-        config = load_config(config_path)
+        config = load_config_file(config_path)
         config_name = Path(config_path).stem
         for code_length in code_lengths:
             model_config = config.model.to_dict()
@@ -482,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_flops, peak_note = estimate_peak_flops(threads)
     load_before = _load_average()
 
-    backbone_name = load_config(args.configs[0]).model.backbone
+    backbone_name = load_config_file(args.configs[0]).model.backbone
     mean, std = input_normalization(backbone_name)
     pipeline_rows, num_images = measure_pipeline(
         args.root, batch_size=args.batch_size, num_batches=args.num_batches, image_size=args.image_size,

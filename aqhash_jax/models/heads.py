@@ -35,6 +35,7 @@ from flax import linen as nn
 AUX_BRANCHES = ("none", "pairwise", "rolled")
 NORMS = ("batch", "layer")
 FEATURE_MAP_CHOICES = ("all", "last")
+BIT_NORM_EPSILON = 1e-5
 
 _warned_messages: set[str] = set()
 
@@ -161,6 +162,17 @@ def auxiliary_bit_count(
 
     copies = rolled_copy_count(code_length, aux_total_bits)
     return (copies - 1) * code_length
+
+
+def select_feature_maps(feature_maps: Sequence[Any], choice: str) -> list:
+    """Return the backbone maps that a head with ``feature_maps=choice`` reads.
+
+    "all" keeps every map and "last" keeps only the last one (the stride-32 map of a CNN).
+    """
+    if choice not in FEATURE_MAP_CHOICES:
+        raise ValueError(f"feature_maps must be one of {FEATURE_MAP_CHOICES}, got {choice!r}.")
+    feature_maps = list(feature_maps)
+    return feature_maps[-1:] if choice == "last" else feature_maps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,9 +528,9 @@ class BitCompression(nn.Module):
     of a_k that all images share dominates z_k at the start of training, so every image gets
     nearly the same code and pairwise losses settle in that collapsed state (measured on cub100:
     mAP@all at chance level). Standardising makes each bit split the batch into two halves from
-    the first step. Only the K main bits keep running statistics; the auxiliary bits
-    (``part="aux"``) are standardised with the statistics of their batch, since they exist only
-    in training.
+    the first step. Only the K main bits keep running statistics. The auxiliary bits
+    (``part="aux"``) exist only in training, so they are standardised with the statistics of
+    their batch.
     Computed in float32.
     """
 
@@ -530,8 +542,8 @@ class BitCompression(nn.Module):
     def __call__(self, features, train: bool = False, part: str = "main"):
         """Map features [B, Q, D] to float32 codes [B, Q] in (-1, 1).
 
-        ``part`` ("main" or "aux") selects the bit-norm statistics; it has no effect without
-        ``bit_norm``.
+        ``part`` ("main" or "aux") selects the bit-norm statistics. Without ``bit_norm`` it has
+        no effect.
         """
         width = features.shape[-1]
         w = self.param("w", nn.initializers.normal(stddev=1.0 / math.sqrt(width)), (width,), jnp.float32)
@@ -546,7 +558,7 @@ class BitCompression(nn.Module):
                 projection = nn.BatchNorm(
                     use_running_average=not train,
                     momentum=0.9,
-                    epsilon=1e-5,
+                    epsilon=BIT_NORM_EPSILON,
                     use_bias=False,
                     use_scale=False,
                     dtype=jnp.float32,
@@ -558,7 +570,7 @@ class BitCompression(nn.Module):
                 # the batch statistics and keep no running averages.
                 mean = jnp.mean(projection, axis=0, keepdims=True)
                 variance = jnp.var(projection, axis=0, keepdims=True)
-                projection = (projection - mean) * jax.lax.rsqrt(variance + 1e-5)
+                projection = (projection - mean) * jax.lax.rsqrt(variance + BIT_NORM_EPSILON)
             else:
                 raise ValueError(f"part must be 'main' or 'aux', got {part!r}.")
 
@@ -660,10 +672,6 @@ class AttributeHashHead(nn.Module):
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}.")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0, got {self.num_classes}.")
-        if self.feature_maps not in FEATURE_MAP_CHOICES:
-            raise ValueError(
-                f"feature_maps must be one of {FEATURE_MAP_CHOICES}, got {self.feature_maps!r}."
-            )
         if self.compression_scale <= 0:
             raise ValueError(f"compression_scale must be > 0, got {self.compression_scale}.")
         if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
@@ -739,8 +747,7 @@ class AttributeHashHead(nn.Module):
         """
         self._validate_config()
         self._validate_feature_maps(feature_maps)
-        if self.feature_maps == "last":
-            feature_maps = list(feature_maps)[-1:]
+        feature_maps = select_feature_maps(feature_maps, self.feature_maps)
 
         tokens, position = SubtleFeatureExtractor(
             width=self.width,
