@@ -156,6 +156,43 @@ def test_conv_gradients_agree(case):
     )
 
 
+@pytest.mark.parametrize("kind", ["pointwise", "depthwise"])
+def test_fast_gradients_in_bfloat16_follow_float32(kind):
+    # The custom backward passes accumulate in float32 and return gradients in the compute dtype.
+    features, kernel, groups = (24, 1, 1) if kind == "pointwise" else (12, 3, 12)
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 9, 9, 12), np.float32))
+    modules = {
+        name: Conv(features, (kernel, kernel), feature_group_count=groups, dtype=name, impl="fast")
+        for name in ("float32", "bfloat16")
+    }
+    variables = jax.jit(modules["float32"].init)(jax.random.key(0), x)
+
+    @jax.jit
+    def grads(variables, x):
+        return {
+            name: jax.grad(
+                lambda v, x, m=m, name=name: jnp.sum(
+                    jnp.square(m.apply(v, x.astype(name)).astype(jnp.float32))
+                ),
+                argnums=(0, 1),
+            )(variables, x)
+            for name, m in modules.items()
+        }
+
+    out = grads(variables, x)
+
+    want_kernel = np.asarray(out["float32"][0]["params"]["kernel"])
+    got_kernel = out["bfloat16"][0]["params"]["kernel"]
+    assert got_kernel.dtype == jnp.float32
+    np.testing.assert_allclose(
+        np.asarray(got_kernel), want_kernel, rtol=0, atol=0.03 * np.abs(want_kernel).max()
+    )
+    want_x = np.asarray(out["float32"][1])
+    np.testing.assert_allclose(
+        np.asarray(out["bfloat16"][1], np.float32), want_x, rtol=0, atol=0.03 * np.abs(want_x).max()
+    )
+
+
 def test_conv_params_match_flax_conv():
     x = jnp.ones((1, 8, 8, 6))
     ours = jax.eval_shape(
