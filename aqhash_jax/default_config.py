@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.feature_maps = "all"  # "all" (two-scale fusion for CNNs) or "last"
     config.model.dtype = "float32"  # compute dtype, "float32" or "bfloat16"; params stay float32
     config.model.conv_impl = "auto"
+    # Inference (feature extraction, encoding) runs the batch as sequential chunks of this many
+    # images per device; None = 4 on the CPU and the whole batch on accelerators, 0 = whole batch.
+    config.model.inference_chunk_size = config_dict.placeholder(int)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.objective = "adsh"  # "adsh" or "symmetric"

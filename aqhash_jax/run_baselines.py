@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from aqhash_jax import baselines, pretrained
 from aqhash_jax.data import pipeline
 from aqhash_jax.data.sources import ImageSplit, load_retrieval_splits
+from aqhash_jax.models import chunking
 from aqhash_jax.models.backbones import create_backbone, input_normalization
 from aqhash_jax.retrieval import retrieval_metrics
 from aqhash_jax.training import feature_cache
@@ -212,7 +213,13 @@ def extract_pooled_features(config, variables: dict, split: ImageSplit, batch_si
     module = create_backbone(
         config.model.backbone, dtype=jnp.float32, conv_impl=config.model.conv_impl, image_size=image_size
     )
-    apply_fn = jax.jit(lambda images: module.apply(variables, images, train=False)["pooled"])
+    apply_fn = jax.jit(
+        lambda images: chunking.apply_in_chunks(
+            lambda chunk: module.apply(variables, chunk, train=False)["pooled"],
+            images,
+            chunk_size=config.model.get("inference_chunk_size"),
+        )
+    )
     loader = pipeline.make_eval_loader(
         split,
         global_batch_size=batch_size,

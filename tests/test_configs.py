@@ -73,6 +73,7 @@ def test_code_length_parsing():
         ("eval.radius", 40, "config.eval.radius=40 exceeds the code length"),
         ("model.dtype", "float16", "config.model.dtype='float16'"),
         ("model.feature_maps", "first", "config.model.feature_maps='first'"),
+        ("model.inference_chunk_size", -2, "config.model.inference_chunk_size=-2"),
     ],
 )
 def test_invalid_values_named(field, value, expected):

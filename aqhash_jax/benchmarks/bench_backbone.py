@@ -4,7 +4,9 @@
 
 Reports images/s for the forward pass (inference mode, batch norm running statistics) and for
 forward plus backward (training mode, gradients of all parameters), the ratio to PyTorch eager,
-and the share of an estimated peak FLOP/s. The PyTorch reference is built here from torch.nn
+and the share of an estimated peak FLOP/s. The forward pass is also timed over sequential chunks
+of `--chunk-size` images, as the encoding job runs it on the CPU (see
+`aqhash_jax.models.chunking`), for JAX and PyTorch alike. The PyTorch reference is built here from torch.nn
 modules and loads the same ImageNet state dict. Only this script needs torch, and
 `--skip-torch` runs it without torch. Runs of the candidates are interleaved and the best repeat is
 kept, so that load from other processes affects every candidate alike.
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from aqhash_jax.models import efficientnet
+from aqhash_jax.models import chunking, efficientnet
 from aqhash_jax.models.layers import conv_flops, same_padding
 from aqhash_jax.pretrained import efficientnet_lite_weights_path, load_efficientnet_lite
 from aqhash_jax.torch_checkpoint import load_torch_state_dict
@@ -186,7 +188,9 @@ def _time_best(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
-def _jax_candidates(variant: str, batch: int, size: int) -> dict[str, dict[str, Callable]]:
+def _jax_candidates(
+    variant: str, batch: int, size: int, chunk_size: int
+) -> dict[str, dict[str, Callable]]:
     model_variables = load_efficientnet_lite(variant)
     images = jnp.asarray(
         np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
@@ -221,10 +225,25 @@ def _jax_candidates(variant: str, batch: int, size: int) -> dict[str, dict[str, 
                 lambda f: jax.block_until_ready(f(model_variables, images)), forward_backward
             ),
         }
+
+    # What the encoding job runs on the CPU: the fast path over sequential chunks of images.
+    model = efficientnet.EfficientNetLite(variant=variant, conv_impl="fast")
+
+    @jax.jit
+    def forward_chunked(variables, images):
+        return chunking.apply_in_chunks(
+            lambda x: model.apply(variables, x, train=False)["pooled"], images, chunk_size=chunk_size
+        )
+
+    candidates[f"jax fast, chunks of {chunk_size}"] = {
+        "forward": lambda: jax.block_until_ready(forward_chunked(model_variables, images))
+    }
     return candidates
 
 
-def _torch_candidates(variant: str, batch: int, size: int, threads: int) -> dict[str, dict[str, Callable]]:
+def _torch_candidates(
+    variant: str, batch: int, size: int, threads: int, chunk_size: int
+) -> dict[str, dict[str, Callable]]:
     import torch
 
     torch.set_num_threads(threads)
@@ -252,6 +271,15 @@ def _torch_candidates(variant: str, batch: int, size: int, threads: int) -> dict
             pooled.square().mean().backward()
 
         candidates[f"torch eager {layout}"] = {"forward": forward, "forward+backward": forward_backward}
+
+        def forward_chunked(net=net, x=x):
+            # The same chunking as the JAX row above, so that the reference gets the cache benefit too.
+            net.eval()
+            with torch.inference_mode():
+                for start in range(0, batch, chunk_size):
+                    net(x[start : start + chunk_size])
+
+        candidates[f"torch eager {layout}, chunks of {chunk_size}"] = {"forward": forward_chunked}
     return candidates
 
 
@@ -270,22 +298,27 @@ def _hardware() -> str:
 
 def run(args: argparse.Namespace) -> str:
     """Run the benchmark and return the results as a Markdown section."""
-    candidates = _jax_candidates(args.variant, args.batch, args.size)
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size={args.chunk_size} is invalid; give a positive number of images.")
+    candidates = _jax_candidates(args.variant, args.batch, args.size, args.chunk_size)
     if not args.skip_torch:
-        candidates.update(_torch_candidates(args.variant, args.batch, args.size, args.threads))
+        candidates.update(
+            _torch_candidates(args.variant, args.batch, args.size, args.threads, args.chunk_size)
+        )
 
     results: dict[tuple[str, str], float] = {}
     for mode in ("forward", "forward+backward"):
-        for name, fns in candidates.items():
+        timed = {name: fns[mode] for name, fns in candidates.items() if mode in fns}
+        for name, fn in timed.items():
             logging.info("Compiling and warming up %s %s", name, mode)
-            fns[mode]()
-        best = {name: float("inf") for name in candidates}
+            fn()
+        best = {name: float("inf") for name in timed}
         for round_index in range(args.rounds):
-            for name, fns in candidates.items():
-                seconds = _time_best(fns[mode], 1)
+            for name, fn in timed.items():
+                seconds = _time_best(fn, 1)
                 best[name] = min(best[name], seconds)
                 logging.info("Round %d, %s %s: %.2f s", round_index, name, mode, seconds)
-        for name in candidates:
+        for name in timed:
             results[(name, mode)] = args.batch / best[name]
             logging.info("%s %s: %.1f images/s", name, mode, results[(name, mode)])
 
@@ -340,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input height and width in pixels")
     parser.add_argument("--threads", type=int, default=2, help="PyTorch threads; also the peak estimate's core count")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
+    parser.add_argument(
+        "--chunk-size", type=int, default=chunking.CPU_CHUNK_SIZE,
+        help="images per step of the chunked forward rows",
+    )
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import math
 import os
 import platform
@@ -48,6 +49,7 @@ from aqhash_jax.benchmarks.bench_backbone import _write_atomic, estimate_peak_fl
 from aqhash_jax.benchmarks.bench_input import _cpu_model, _default_root, _load_average, _time_loader
 from aqhash_jax.data import pipeline, sources
 from aqhash_jax.default_config import load_config_file
+from aqhash_jax.models import chunking
 from aqhash_jax.models.backbones import input_normalization
 from aqhash_jax.models.hashing import HashModel, build_model
 
@@ -171,14 +173,35 @@ def _run_backbone(module: HashModel, images, train: bool):
     return module.backbone(images, train=train)
 
 
-def _compile(function: Callable, variables: Any, images: jax.Array) -> tuple[Callable[[], Any], float]:
-    """Jit and compile `function(variables, images)`, and return a blocking call and its FLOPs per call."""
-    compiled = jax.jit(function).lower(variables, images).compile()
+def _flops(compiled: Any) -> float:
     analysis = compiled.cost_analysis()
     # Some JAX versions return a list with one dict per computation.
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
-    flops = float((analysis or {}).get("flops", float("nan")))
+    return float((analysis or {}).get("flops", float("nan")))
+
+
+def _compile(
+    function: Callable, variables: Any, images: jax.Array, chunk_size: int | None
+) -> tuple[Callable[[], Any], float]:
+    """Jit and compile `function(variables, images)` as the encoding job runs it, in sequential
+    chunks of `chunk_size` images (see `aqhash_jax.models.chunking`); return a blocking call and
+    the FLOPs of one call.
+
+    The FLOPs come from the whole-batch function, because XLA's cost analysis counts the body of
+    the chunk loop once.
+    """
+    whole = jax.jit(function).lower(variables, images).compile()
+    flops = _flops(whole)
+    steps = chunking.chunk_steps(images.shape[0], chunking.resolve_chunk_size(chunk_size))
+    if steps == 1:
+        compiled = whole
+    else:
+        compiled = jax.jit(
+            lambda v, x: chunking.apply_in_chunks(
+                functools.partial(function, v), x, chunk_size=chunk_size
+            )
+        ).lower(variables, images).compile()
 
     def call():
         return jax.block_until_ready(compiled(variables, images))
@@ -211,6 +234,7 @@ def build_candidates(config_paths: list[Path], code_lengths: list[int], *, batch
             if not model_config.get("backbone"):
                 raise ValueError(f"{config_path} sets no model.backbone; the benchmark needs a backbone")
             model = build_model(model_config)
+            chunk_size = model_config.get("inference_chunk_size")
             backbone_key = (model.backbone_name, str(model_config.get("dtype", "float32")), model.conv_impl)
 
             shapes = jax.eval_shape(lambda k, m=model: m.init(k, images, train=False), key)
@@ -225,7 +249,7 @@ def build_candidates(config_paths: list[Path], code_lengths: list[int], *, batch
                 logging.info("Compiling the backbone alone (%s)", model.backbone_name)
                 call, flops = _compile(
                     lambda v, x, m=model: m.apply(v, x, train=False, method=_run_backbone)["feature_maps"],
-                    variables, images,
+                    variables, images, chunk_size,
                 )
                 candidates.append(ModelCandidate(
                     name=f"backbone alone ({model.backbone_name})", config_name="", code_length=0,
@@ -235,7 +259,9 @@ def build_candidates(config_paths: list[Path], code_lengths: list[int], *, batch
                 tree["backbone"] = backbone_variables[backbone_key][collection]
 
             logging.info("Compiling backbone + head (%s, %d bits)", config_name, code_length)
-            call, flops = _compile(lambda v, x, m=model: m.apply(v, x, train=False)["codes"], variables, images)
+            call, flops = _compile(
+                lambda v, x, m=model: m.apply(v, x, train=False)["codes"], variables, images, chunk_size
+            )
             candidates.append(ModelCandidate(
                 name=f"backbone + head ({config_name}, {code_length} bits)", config_name=config_name,
                 code_length=code_length, backbone_key=backbone_key, call=call, flops_per_batch=flops,
@@ -359,9 +385,11 @@ def format_report(*, command: str, date: str, args: argparse.Namespace, num_imag
         "### Model (inference mode, jitted)",
         "",
         f"Batch {args.batch_size}, {args.image_size} px, random weights, best of {args.rounds} interleaved "
-        "rounds after one warm-up call. The backbone-alone row returns the feature maps the head reads. "
+        "rounds after one warm-up call. Each function runs as the encoding job runs it: in sequential "
+        f"chunks of model.inference_chunk_size images (automatic: {chunking.resolve_chunk_size(None) or 'whole batch'} "
+        f"on {jax.default_backend()}). The backbone-alone row returns the feature maps the head reads. "
         "Head share = 1 - rate(backbone + head) / rate(backbone alone). FLOPs come from XLA's cost analysis "
-        f"of the compiled function. Peak (estimate): {_format_number(peak_flops / 1e9, '.0f')} GFLOP/s from "
+        f"of the compiled whole-batch function. Peak (estimate): {_format_number(peak_flops / 1e9, '.0f')} GFLOP/s from "
         f"{peak_note}. Images per CPU-second counts all threads of this process.",
         "",
         f"| model | images/s | ms/image | images per CPU-second | head share of encoding time | "

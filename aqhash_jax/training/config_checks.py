@@ -130,6 +130,8 @@ def check_config(config: Any, *, device_count: int | None = None) -> None:
     _require_choice(model.aux, "model.aux", AUX_BRANCHES)
     _require_choice(model.norm, "model.norm", NORMS)
     _require_choice(model.feature_maps, "model.feature_maps", FEATURE_MAP_CHOICES)
+    if model.get("inference_chunk_size") is not None:
+        _require_int(model.inference_chunk_size, "model.inference_chunk_size", 0)
     _require_int(model.width, "model.width", 1)
     _require_int(model.num_heads, "model.num_heads", 1)
     _require(

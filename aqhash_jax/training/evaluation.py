@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from aqhash_jax.models import chunking
 from aqhash_jax.retrieval import hamming
 from aqhash_jax.retrieval.codes import sign_codes
 from aqhash_jax.retrieval.metrics import retrieval_metrics
@@ -26,14 +27,34 @@ from aqhash_jax.training.state import apply_model
 RANKINGS = ("tie-aware", "ranked")
 
 
-def make_encode_fn(model: Any, mesh: jax.sharding.Mesh, *, from_features: bool) -> Callable:
-    """Return a jitted `encode(params, batch_stats, inputs) -> codes float32 [b, K]` over the mesh."""
+def make_encode_fn(
+    model: Any,
+    mesh: jax.sharding.Mesh,
+    *,
+    from_features: bool,
+    chunk_size: int | None = None,
+) -> Callable:
+    """Return a jitted `encode(params, batch_stats, inputs) -> codes float32 [b, K]` over the mesh.
 
-    def encode(params, batch_stats, inputs):
+    Image inputs go through the model in sequential chunks of `chunk_size` images per device
+    (None: automatic, see `aqhash_jax.models.chunking`); cached feature maps go in whole.
+    """
+
+    def encode_rows(params, batch_stats, inputs):
         outputs, _ = apply_model(
             model, params, batch_stats, inputs, from_features=from_features, train=False
         )
         return outputs["codes"]
+
+    def encode(params, batch_stats, inputs):
+        if from_features:
+            return encode_rows(params, batch_stats, inputs)
+        return chunking.apply_in_chunks(
+            lambda images: encode_rows(params, batch_stats, images),
+            inputs,
+            chunk_size=chunk_size,
+            num_shards=mesh.devices.size,
+        )
 
     replicated = mesh_lib.replicated(mesh)
     sharded = mesh_lib.batch_sharded(mesh)

@@ -14,6 +14,7 @@ from absl import logging
 from etils import epath
 
 from aqhash_jax.data.sources import RetrievalSplits, concatenate_splits
+from aqhash_jax.models import chunking
 from aqhash_jax.models.backbones import input_normalization
 from aqhash_jax.models.hashing import split_params
 from aqhash_jax.training import evaluation, inputs
@@ -97,7 +98,15 @@ def prepare_feature_cache(
     sharded = mesh_lib.batch_sharded(mesh)
 
     def extract(variables, images, flipped):
-        outputs = [module.apply(variables, x, train=False) for x in (images, flipped)]
+        outputs = [
+            chunking.apply_in_chunks(
+                lambda x: module.apply(variables, x, train=False),
+                x,
+                chunk_size=config.model.get("inference_chunk_size"),
+                num_shards=mesh.devices.size,
+            )
+            for x in (images, flipped)
+        ]
         return [
             {"feature_maps": [m.astype(jnp.float16) for m in out["feature_maps"]],
              "pooled": out["pooled"].astype(jnp.float16)}
@@ -219,7 +228,12 @@ class Trainer:
             from_features=self.features_mode, num_samples=self.plan.population,
         )
         self.train_step = jit_train_step(train_step, state_sharding, mesh_lib.batch_sharded(self.mesh), replicated)
-        self.encode_fn = evaluation.make_encode_fn(self.model, self.mesh, from_features=self.features_mode)
+        self.encode_fn = evaluation.make_encode_fn(
+            self.model,
+            self.mesh,
+            from_features=self.features_mode,
+            chunk_size=config.model.get("inference_chunk_size"),
+        )
         self.train_labels_device = mesh_lib.replicate(self.mesh, self.splits.train.labels)
 
     # ----------------------------------------------------------------------------------------
