@@ -2,6 +2,53 @@
 # Helpers shared by the launch scripts: logging, shell quoting, dry-run aware command execution and
 # checks for required tools. Source this file from a script that has run `set -euo pipefail`.
 
+# Parse a launcher's command line: aq_parse_options "VALUE_OPTIONS" "FLAG_OPTIONS" ARG...
+# VALUE_OPTIONS and FLAG_OPTIONS are space-separated option names. For each option the calling
+# script's `set_option NAME [VALUE]` runs: a value option takes "--name VALUE" or "--name=VALUE",
+# and a flag takes nothing. -h and --help call the script's `usage` and exit. Arguments of the form
+# --config.* and everything after "--" go to TRAIN_ARGS, other words to POSITIONAL_ARGS.
+aq_parse_options() {
+  local value_options=" $1 "
+  local flag_options=" $2 "
+  shift 2
+  POSITIONAL_ARGS=()
+  while (($# > 0)); do
+    case "$1" in
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      --config.*) TRAIN_ARGS+=("$1") ;;
+      --)
+        shift
+        TRAIN_ARGS+=("$@")
+        break
+        ;;
+      --*=*)
+        if [[ $value_options != *" ${1%%=*} "* ]]; then
+          aq_die "unknown option '${1%%=*}'; see --help"
+        fi
+        set_option "${1%%=*}" "${1#*=}"
+        ;;
+      -*)
+        if [[ $flag_options == *" $1 "* ]]; then
+          set_option "$1"
+        elif [[ $value_options == *" $1 "* ]]; then
+          if (($# < 2)); then
+            aq_die "option $1 requires a value; see --help"
+          fi
+          set_option "$1" "$2"
+          shift
+        else
+          aq_die "unknown option '$1'; see --help"
+        fi
+        ;;
+      *) POSITIONAL_ARGS+=("$1") ;;
+    esac
+    shift
+  done
+}
+
 # Print a message to stderr with the calling script's name.
 aq_log() {
   printf '[%s] %s\n' "${AQ_SCRIPT_NAME:-launch}" "$*" >&2

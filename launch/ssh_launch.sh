@@ -67,42 +67,21 @@ parse_args() {
   TRAIN_ARGS=()
   SSH_OPTIONS=()
 
-  while (($# > 0)); do
-    case "$1" in
-      -h | --help)
-        usage
-        exit 0
-        ;;
-      --dry-run) DRY_RUN=1 ;;
-      --local) LOCAL_MODE=1 ;;
-      --hosts | --hostfile | --config | --workdir | --coordinator | --port | --remote-dir | \
-        --python | --env | --log-dir | --ssh-option)
-        if (($# < 2)); then
-          aq_die "option $1 requires a value; see --help"
-        fi
-        set_option "$1" "$2"
-        shift
-        ;;
-      --hosts=* | --hostfile=* | --config=* | --workdir=* | --coordinator=* | --port=* | \
-        --remote-dir=* | --python=* | --env=* | --log-dir=* | --ssh-option=*)
-        set_option "${1%%=*}" "${1#*=}"
-        ;;
-      --config.*) TRAIN_ARGS+=("$1") ;;
-      --)
-        shift
-        TRAIN_ARGS+=("$@")
-        break
-        ;;
-      *) aq_die "unknown argument '$1'; see --help" ;;
-    esac
-    shift
-  done
+  aq_parse_options \
+    "--hosts --hostfile --config --workdir --coordinator --port --remote-dir --python --env --log-dir --ssh-option" \
+    "--dry-run --local" \
+    "$@"
+  if ((${#POSITIONAL_ARGS[@]} > 0)); then
+    aq_die "unknown argument '${POSITIONAL_ARGS[0]}'; see --help"
+  fi
 }
 
 set_option() {
   local option=$1
-  local value=$2
+  local value=${2:-}
   case "$option" in
+    --dry-run) DRY_RUN=1 ;;
+    --local) LOCAL_MODE=1 ;;
     --hosts) HOST_TEXT=$value ;;
     --hostfile) HOSTFILE=$value ;;
     --config) AQHASH_CONFIG=$value ;;

@@ -132,51 +132,23 @@ parse_args() {
   TRAIN_ENV=()
   TRAIN_ARGS=()
 
-  while (($# > 0)); do
-    case "$1" in
-      -h | --help)
-        usage
-        exit 0
-        ;;
-      --dry-run) DRY_RUN=1 ;;
-      --spot) TPU_SPOT=1 ;;
-      --keep-vm) KEEP_VM=1 ;;
-      --project | --zone | --name | --accelerator-type | --version | --bucket | --workdir | \
-        --run-name | --source | --git-ref | --configs-dir | --jax-spec | --extra-packages | --python | \
-        --remote-dir | --config | --env | --worker | --poll-seconds | --dest)
-        if (($# < 2)); then
-          aq_die "option $1 requires a value; see --help"
-        fi
-        set_option "$1" "$2"
-        shift
-        ;;
-      --project=* | --zone=* | --name=* | --accelerator-type=* | --version=* | --bucket=* | \
-        --workdir=* | --run-name=* | --source=* | --git-ref=* | --configs-dir=* | --jax-spec=* | \
-        --extra-packages=* | --python=* | --remote-dir=* | --config=* | --env=* | --worker=* | --poll-seconds=* | --dest=*)
-        set_option "${1%%=*}" "${1#*=}"
-        ;;
-      --config.*) TRAIN_ARGS+=("$1") ;;
-      --)
-        shift
-        TRAIN_ARGS+=("$@")
-        break
-        ;;
-      -*) aq_die "unknown option '$1'; see --help" ;;
-      *)
-        if [[ -n $COMMAND ]]; then
-          aq_die "unexpected argument '$1' after command '$COMMAND'; see --help"
-        fi
-        COMMAND=$1
-        ;;
-    esac
-    shift
-  done
+  aq_parse_options \
+    "--project --zone --name --accelerator-type --version --bucket --workdir --run-name --source --git-ref --configs-dir --jax-spec --extra-packages --python --remote-dir --config --env --worker --poll-seconds --dest" \
+    "--dry-run --spot --keep-vm" \
+    "$@"
+  if ((${#POSITIONAL_ARGS[@]} > 1)); then
+    aq_die "unexpected argument '${POSITIONAL_ARGS[1]}' after command '${POSITIONAL_ARGS[0]}'; see --help"
+  fi
+  COMMAND=${POSITIONAL_ARGS[0]:-}
 }
 
 set_option() {
   local option=$1
-  local value=$2
+  local value=${2:-}
   case "$option" in
+    --dry-run) DRY_RUN=1 ;;
+    --spot) TPU_SPOT=1 ;;
+    --keep-vm) KEEP_VM=1 ;;
     --project) PROJECT=$value ;;
     --zone) ZONE=$value ;;
     --name) TPU_NAME=$value ;;

@@ -624,6 +624,37 @@ def test_ssh_commands_per_host():
     assert len(commands) == 3
 
 
+def test_ssh_equals_form_and_passthrough():
+    result = run_script(
+        SSH_SCRIPT,
+        ["--dry-run", "--hosts=gpu01", "--config=c.py", "--workdir=w", "--log-dir=logs",
+         "--", "--config.train.epochs=2"],
+    )
+    assert result.returncode == 0, result.stderr
+    remote = shlex.split(shlex.split(printed_commands(result.stdout)[1][-1])[2])
+    assert "--config=c.py" in remote
+    assert "--workdir=w" in remote
+    assert remote[-1] == "--config.train.epochs=2"
+
+
+@pytest.mark.parametrize(
+    "script, arguments, message",
+    [
+        (SSH_SCRIPT, ["--hosts"], "option --hosts requires a value"),
+        (SSH_SCRIPT, ["--bogus", "1"], "unknown option '--bogus'"),
+        (SSH_SCRIPT, ["--local=1"], "unknown option '--local'"),
+        (SSH_SCRIPT, ["train"], "unknown argument 'train'"),
+        (TPU_SCRIPT, ["create", "stop"], "unexpected argument 'stop' after command 'create'"),
+        (TPU_SCRIPT, ["create", "--zone"], "option --zone requires a value"),
+        (TPU_SCRIPT, ["create", "--bogus=1"], "unknown option '--bogus'"),
+    ],
+)
+def test_launch_argument_errors(script, arguments, message):
+    result = run_script(script, ["--dry-run", *arguments])
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_ssh_hostfile(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# workers\nnode-a\nnode-b  # second\n\nnode-c\n")

@@ -22,6 +22,8 @@ CASES = [
     ("depthwise5_stride2", (2, 14, 14, 12), 12, 5, 2, 12, "SAME"),
     ("depthwise3_explicit", (2, 8, 8, 12), 12, 3, 2, 12, ((1, 1), (0, 2))),
     ("depthwise3_valid", (2, 8, 8, 12), 12, 3, 1, 12, "VALID"),
+    # Over 32 x 32 output pixels at stride 2: the kernel gradient uses separate sums per tap.
+    ("depthwise3_stride2_large", (2, 66, 66, 4), 4, 3, 2, 4, "SAME"),
     ("regular3_stride2", (2, 12, 12, 3), 16, 3, 2, 1, "TF_SAME"),
     ("regular3_int_padding", (2, 12, 12, 3), 16, 3, 2, 1, 1),
     ("grouped3", (2, 8, 8, 12), 6, 3, 1, 3, "SAME"),

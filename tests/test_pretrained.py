@@ -2,7 +2,6 @@
 
 import functools
 import importlib.util
-import io
 import pickle
 import zipfile
 

@@ -184,9 +184,11 @@ def _flops(compiled: Any) -> float:
 def _compile(
     function: Callable, variables: Any, images: jax.Array, chunk_size: int | None
 ) -> tuple[Callable[[], Any], float]:
-    """Jit and compile `function(variables, images)` as the encoding job runs it, in sequential
-    chunks of `chunk_size` images (see `aqhash_jax.models.chunking`); return a blocking call and
-    the FLOPs of one call.
+    """Compile `function(variables, images)` as the encoding job runs it and return a blocking
+    call and the FLOPs of one call.
+
+    The encoding job runs the batch in sequential chunks of `chunk_size` images (see
+    `aqhash_jax.models.chunking`).
 
     The FLOPs come from the whole-batch function, because XLA's cost analysis counts the body of
     the chunk loop once.

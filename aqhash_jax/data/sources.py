@@ -29,7 +29,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np

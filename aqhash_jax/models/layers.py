@@ -246,6 +246,11 @@ def _depthwise_taps(
     return total.astype(x.dtype)
 
 
+# Largest output (pixels per image) of a strided depthwise layer whose kernel gradient is one
+# variadic reduction; see `_depthwise_kernel_grad`.
+_VARIADIC_STRIDED_MAX_PIXELS = 32 * 32
+
+
 def _depthwise_kernel_grad(
     x: jax.Array,
     grad_out: jax.Array,
@@ -258,6 +263,12 @@ def _depthwise_kernel_grad(
     Each tap needs sum over (batch, H, W) of window * grad_out. XLA's CPU backend reduces over
     the leading axes of a whole batch several times slower than over one image's cache-sized
     block, so a `lax.scan` over the batch accumulates the per-image sums.
+
+    The kh*kw sums are one variadic reduction. XLA then reads each window straight from the
+    padded image inside one reduction loop, where separate sums would first copy every window
+    out; on a 2-core CPU this cut the kernel gradient's time by 15 to 50% per EfficientNet layer.
+    Strided layers with large outputs (block 1 of EfficientNet: 56 x 56 from 112 x 112) measured
+    about 15% faster with separate sums, so they keep them.
     """
     kh, kw = kernel_shape[0], kernel_shape[1]
     out_h, out_w, channels = grad_out.shape[1:]
@@ -267,7 +278,7 @@ def _depthwise_kernel_grad(
     def add_image(total, image_and_grad):
         image, grad = image_and_grad
         grad = grad.astype(accumulate_dtype)
-        taps = []
+        products = []
         for i in range(kh):
             for j in range(kw):
                 window = lax.slice(
@@ -276,7 +287,17 @@ def _depthwise_kernel_grad(
                     (i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1, channels),
                     (strides[0], strides[1], 1),
                 )
-                taps.append(jnp.sum(window.astype(accumulate_dtype) * grad, axis=(0, 1)))
+                products.append(window.astype(accumulate_dtype) * grad)
+        if strides == (1, 1) or out_h * out_w <= _VARIADIC_STRIDED_MAX_PIXELS:
+            zeros = tuple(jnp.zeros((), accumulate_dtype) for _ in products)
+            taps = lax.reduce(
+                tuple(products),
+                zeros,
+                lambda left, right: tuple(a + b for a, b in zip(left, right)),
+                (0, 1),
+            )
+        else:
+            taps = [jnp.sum(product, axis=(0, 1)) for product in products]
         return total + jnp.stack(taps), None
 
     total, _ = lax.scan(add_image, jnp.zeros((kh * kw, channels), accumulate_dtype), (x, grad_out))

@@ -20,7 +20,7 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from absl import logging

@@ -16,7 +16,6 @@ from etils import epath
 from aqhash_jax.data.sources import RetrievalSplits, concatenate_splits
 from aqhash_jax.models import chunking
 from aqhash_jax.models.backbones import input_normalization
-from aqhash_jax.models.hashing import split_params
 from aqhash_jax.training import evaluation, inputs
 from aqhash_jax.training import mesh as mesh_lib
 from aqhash_jax.training.checkpoint import (
@@ -232,7 +231,7 @@ class Trainer:
             self.model,
             self.mesh,
             from_features=self.features_mode,
-            chunk_size=config.model.get("inference_chunk_size"),
+            chunk_size=self.config.model.get("inference_chunk_size"),
         )
         self.train_labels_device = mesh_lib.replicate(self.mesh, self.splits.train.labels)
 

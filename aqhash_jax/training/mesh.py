@@ -16,7 +16,7 @@ the job is a single process.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
