@@ -13,6 +13,7 @@ def test_small_run_writes_every_row(tmp_path):
 
     assert code == 0
     text = output.read_text()
+    assert "median round" in text
     for row in (
         "| jax native | forward |",
         "| jax fast | forward |",
@@ -23,3 +24,17 @@ def test_small_run_writes_every_row(tmp_path):
         assert row in text, row
     assert "chunks of 2 | forward+backward" not in text
     assert "n/a" in text  # no PyTorch reference to compare with
+
+
+def test_skip_native_leaves_out_native_rows(tmp_path):
+    output = tmp_path / "bench.md"
+
+    code = bench_backbone.main(
+        ["--batch", "2", "--size", "32", "--rounds", "1", "--skip-native", "--skip-torch",
+         "--output", str(output)]
+    )
+
+    assert code == 0
+    text = output.read_text()
+    assert "| jax fast | forward+backward |" in text
+    assert "jax native" not in text

@@ -8,8 +8,9 @@ and the share of an estimated peak FLOP/s. The forward pass is also timed over s
 of `--chunk-size` images, as the encoding job runs it on the CPU (see
 `aqhash_jax.models.chunking`), for JAX and PyTorch alike. The PyTorch reference is built here from torch.nn
 modules and loads the same ImageNet state dict. Only this script needs torch, and
-`--skip-torch` runs it without torch. Runs of the candidates are interleaved and the best repeat is
-kept, so that load from other processes affects every candidate alike.
+`--skip-torch` runs it without torch, and `--skip-native` leaves out the slow native-convolution
+rows. Runs of the candidates are interleaved, so that load from other processes affects every
+candidate alike, and both the best and the median round are reported.
 
 Set the JAX thread count before JAX starts, for example
 `XLA_FLAGS="--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads=2"` or `taskset`.
@@ -189,14 +190,14 @@ def _time_best(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def _jax_candidates(
-    variant: str, batch: int, size: int, chunk_size: int
+    variant: str, batch: int, size: int, chunk_size: int, skip_native: bool = False
 ) -> dict[str, dict[str, Callable]]:
     model_variables = load_efficientnet_lite(variant)
     images = jnp.asarray(
         np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     )
     candidates = {}
-    for impl in ("native", "fast"):
+    for impl in ("fast",) if skip_native else ("native", "fast"):
         model = efficientnet.EfficientNetLite(variant=variant, conv_impl=impl)
 
         @jax.jit
@@ -300,33 +301,46 @@ def run(args: argparse.Namespace) -> str:
     """Run the benchmark and return the results as a Markdown section."""
     if args.chunk_size < 1:
         raise ValueError(f"--chunk-size={args.chunk_size} is invalid; give a positive number of images.")
-    candidates = _jax_candidates(args.variant, args.batch, args.size, args.chunk_size)
+    candidates = _jax_candidates(
+        args.variant, args.batch, args.size, args.chunk_size, skip_native=args.skip_native
+    )
     if not args.skip_torch:
         candidates.update(
             _torch_candidates(args.variant, args.batch, args.size, args.threads, args.chunk_size)
         )
 
+    # Images/s of the best round, and of the median round, per (implementation, mode).
     results: dict[tuple[str, str], float] = {}
+    medians: dict[tuple[str, str], float] = {}
     for mode in ("forward", "forward+backward"):
         timed = {name: fns[mode] for name, fns in candidates.items() if mode in fns}
         for name, fn in timed.items():
             logging.info("Compiling and warming up %s %s", name, mode)
             fn()
-        best = {name: float("inf") for name in timed}
+        seconds = {name: [] for name in timed}
         for round_index in range(args.rounds):
             for name, fn in timed.items():
-                seconds = _time_best(fn, 1)
-                best[name] = min(best[name], seconds)
-                logging.info("Round %d, %s %s: %.2f s", round_index, name, mode, seconds)
+                seconds[name].append(_time_best(fn, 1))
+                logging.info("Round %d, %s %s: %.2f s", round_index, name, mode, seconds[name][-1])
         for name in timed:
-            results[(name, mode)] = args.batch / best[name]
-            logging.info("%s %s: %.1f images/s", name, mode, results[(name, mode)])
+            results[(name, mode)] = args.batch / min(seconds[name])
+            medians[(name, mode)] = args.batch / float(np.median(seconds[name]))
+            logging.info(
+                "%s %s: %.1f images/s (best round), %.1f (median round)",
+                name, mode, results[(name, mode)], medians[(name, mode)],
+            )
 
     flops = efficientnet_lite_flops(args.variant, args.size)
     peak, peak_note = estimate_peak_flops(args.threads)
     torch_best = {
         mode: max(
             (v for (n, m), v in results.items() if m == mode and n.startswith("torch")), default=None
+        )
+        for mode in ("forward", "forward+backward")
+    }
+    torch_best_median = {
+        mode: max(
+            (v for (n, m), v in medians.items() if m == mode and n.startswith("torch")), default=None
         )
         for mode in ("forward", "forward+backward")
     }
@@ -338,22 +352,31 @@ def run(args: argparse.Namespace) -> str:
         f"Command: `python -m aqhash_jax.benchmarks.bench_backbone {' '.join(sys.argv[1:])}`",
         "",
         f"Hardware: {_hardware()}; JAX {jax.__version__} on {jax.default_backend()}; "
-        f"batch {args.batch}, {args.size} px, {args.threads} threads, best of {args.rounds} "
+        f"batch {args.batch}, {args.size} px, {args.threads} threads, {args.rounds} "
         f"interleaved rounds; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
         "",
         f"Model FLOPs (analytic, convolutions and classifier input only): "
         f"{flops / 1e9:.3f} GFLOP per image forward; forward+backward counted as 3x forward. "
         f"Peak (estimate): {peak / 1e9:.0f} GFLOP/s from {peak_note}.",
         "",
-        "| implementation | mode | images/s | vs best PyTorch eager | share of peak (estimate) |",
-        "|---|---|---:|---:|---:|",
+        "Best round: images/s of the fastest round. Median round: images/s of the median round, "
+        "which moves less with other load; its ratio compares medians.",
+        "",
+        "| implementation | mode | images/s (best round) | vs best PyTorch eager | "
+        "images/s (median round) | vs best PyTorch eager (medians) | share of peak (estimate, best round) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for (name, mode), rate in results.items():
+        median = medians[(name, mode)]
         reference = torch_best[mode]
+        median_reference = torch_best_median[mode]
         ratio = f"{rate / reference:.2f}x" if reference else "n/a"
+        median_ratio = f"{median / median_reference:.2f}x" if median_reference else "n/a"
         work = flops * (3 if mode == "forward+backward" else 1)
         share = rate * work / peak
-        lines.append(f"| {name} | {mode} | {rate:.1f} | {ratio} | {share:.1%} |")
+        lines.append(
+            f"| {name} | {mode} | {rate:.1f} | {ratio} | {median:.1f} | {median_ratio} | {share:.1%} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -376,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chunk-size", type=int, default=chunking.CPU_CHUNK_SIZE,
         help="images per step of the chunked forward rows",
+    )
+    parser.add_argument(
+        "--skip-native", action="store_true",
+        help="leave out the native-convolution rows (about 0.1x PyTorch, and the slowest to time)",
     )
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
