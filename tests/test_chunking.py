@@ -40,7 +40,7 @@ def test_chunk_steps(batch, chunk, shards, steps):
     assert chunking.chunk_steps(batch, chunk, shards) == steps
 
 
-def test_apply_in_chunks_keeps_row_order_and_pytrees():
+def test_chunks_keep_row_order_and_pytrees():
     traced_batches = []
 
     def fn(inputs):
@@ -56,7 +56,7 @@ def test_apply_in_chunks_keeps_row_order_and_pytrees():
     np.testing.assert_array_equal(np.asarray(out["sum"][0]), np.asarray(a + b[:, :1]))
 
 
-def test_apply_in_chunks_rejects_mixed_batch_sizes():
+def test_chunks_reject_mixed_batch_sizes():
     with pytest.raises(ValueError, match="leading batch axis"):
         chunking.apply_in_chunks(lambda x: x, [jnp.zeros((4, 2)), jnp.zeros((3, 2))], chunk_size=2)
 
@@ -85,7 +85,7 @@ def test_chunked_backbone_matches_whole_batch():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_inference_on_a_sharded_batch_matches_whole_batch():
+def test_sharded_chunks_match_whole_batch():
     # 8 CPU devices, batch 32 sharded over them, 2 images per device per step (2 steps).
     script = textwrap.dedent(
         """

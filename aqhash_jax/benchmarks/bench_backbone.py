@@ -297,6 +297,17 @@ def _hardware() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs visible"
 
 
+def _best_torch_rates(rates: dict[tuple[str, str], float]) -> dict[str, float | None]:
+    """Return the highest PyTorch images/s per mode, or None for a mode without a PyTorch row."""
+    return {
+        mode: max(
+            (rate for (name, m), rate in rates.items() if m == mode and name.startswith("torch")),
+            default=None,
+        )
+        for mode in ("forward", "forward+backward")
+    }
+
+
 def run(args: argparse.Namespace) -> str:
     """Run the benchmark and return the results as a Markdown section."""
     if args.chunk_size < 1:
@@ -332,18 +343,8 @@ def run(args: argparse.Namespace) -> str:
 
     flops = efficientnet_lite_flops(args.variant, args.size)
     peak, peak_note = estimate_peak_flops(args.threads)
-    torch_best = {
-        mode: max(
-            (v for (n, m), v in results.items() if m == mode and n.startswith("torch")), default=None
-        )
-        for mode in ("forward", "forward+backward")
-    }
-    torch_best_median = {
-        mode: max(
-            (v for (n, m), v in medians.items() if m == mode and n.startswith("torch")), default=None
-        )
-        for mode in ("forward", "forward+backward")
-    }
+    torch_best = _best_torch_rates(results)
+    torch_best_median = _best_torch_rates(medians)
 
     load = os.getloadavg()
     lines = [

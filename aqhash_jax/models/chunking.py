@@ -3,7 +3,7 @@
 On the CPU backend an EfficientNet-Lite0 forward pass at batch 32 spends most of its time moving
 activations that do not fit in cache: block 1's expansion alone writes 154 MB. Running the same
 jitted function over chunks of about four images, one after the other, keeps each layer's
-activations in cache and raised the forward rate from 76 to 119 images/s on a 2-core machine
+activations in cache and raised the forward rate from 76 to 118 images/s on a 2-core machine
 (see BENCHMARKS.md). Accelerators want the whole batch at once, so the automatic choice chunks
 only on the CPU.
 

@@ -267,8 +267,8 @@ def _depthwise_kernel_grad(
     The kh*kw sums are one variadic reduction. XLA then reads each window straight from the
     padded image inside one reduction loop, where separate sums would first copy every window
     out. On a 2-core CPU this cut the kernel gradient's time of most EfficientNet layers by up to
-    half, and no layer got slower. Strided layers with large outputs (block 1 of EfficientNet: 56 x 56 from 112 x 112) measured
-    about 15% faster with separate sums, so they keep them.
+    half, and no layer got slower. Strided layers with large outputs (block 1 of EfficientNet:
+    56 x 56 from 112 x 112) measured about 15% faster with separate sums, so they keep them.
     """
     kh, kw = kernel_shape[0], kernel_shape[1]
     out_h, out_w, channels = grad_out.shape[1:]
