@@ -43,6 +43,7 @@ from absl import app, logging
 from absl.flags import argparse_flags
 from etils import epath
 
+from aqhash_jax import host_memory
 from aqhash_jax.data import images as images_lib
 from aqhash_jax.data.pipeline import make_eval_loader
 from aqhash_jax.data.sources import ImageSplit
@@ -520,12 +521,13 @@ def _parse_flags(argv: list[str]):
 
 def main(args) -> None:
     try:
+        host_memory.configure_host_allocator()
         encoder = load_encoder(args.workdir)
         summary = encode_collection(
             encoder, args.images, args.out, batch_size=args.batch_size, read_threads=args.read_threads,
             overwrite=args.overwrite, prune_missing=args.prune_missing, progress=not args.no_progress,
         )
-    except (EncodeError, FileNotFoundError) as error:
+    except (EncodeError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     print(

@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from aqhash_jax import baselines, pretrained
+from aqhash_jax import baselines, host_memory, pretrained
 from aqhash_jax.data import pipeline
 from aqhash_jax.data.sources import ImageSplit, load_retrieval_splits
 from aqhash_jax.models import chunking
@@ -444,6 +444,10 @@ def main(argv: list[str]) -> None:
     workdir = flags.FLAGS.workdir
     if not workdir:
         raise app.UsageError("--workdir is missing; pass a folder for the features and results.")
+    try:
+        host_memory.configure_host_allocator()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     code_lengths = parse_bits(flags.FLAGS.bits)
     os.makedirs(workdir, exist_ok=True)
     total_start = time.perf_counter()

@@ -25,6 +25,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
+from aqhash_jax import host_memory
 from aqhash_jax.training import mesh as mesh_lib
 from aqhash_jax.training.config_checks import ConfigError, check_config, is_local_path, parse_code_lengths
 from aqhash_jax.training.export import write_resolved_config
@@ -138,6 +139,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("pass --config=configs/<name>.py and --workdir=DIR")
+    try:
+        host_memory.configure_host_allocator()
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     mesh_lib.maybe_initialize_distributed(
         _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
         auto_detect=_DISTRIBUTED.value == "auto",

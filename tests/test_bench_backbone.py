@@ -8,7 +8,7 @@ def test_small_run_writes_every_row(tmp_path):
 
     code = bench_backbone.main(
         ["--batch", "4", "--size", "32", "--rounds", "1", "--chunk-size", "2", "--skip-torch",
-         "--output", str(output)]
+         "--host-allocator", "system", "--output", str(output)]
     )
 
     assert code == 0
@@ -24,6 +24,7 @@ def test_small_run_writes_every_row(tmp_path):
         assert row in text, row
     assert "chunks of 2 | forward+backward" not in text
     assert "n/a" in text  # no PyTorch reference to compare with
+    assert "host allocator system" in text
 
 
 def test_skip_native_leaves_out_native_rows(tmp_path):
@@ -31,7 +32,7 @@ def test_skip_native_leaves_out_native_rows(tmp_path):
 
     code = bench_backbone.main(
         ["--batch", "2", "--size", "32", "--rounds", "1", "--skip-native", "--skip-torch",
-         "--output", str(output)]
+         "--host-allocator", "system", "--output", str(output)]
     )
 
     assert code == 0

@@ -54,7 +54,9 @@ def _table(report: str, header_start: str) -> list[list[str]]:
 def quick_report(tmp_path_factory):
     root = _write_cub(tmp_path_factory.mktemp("cub"))
     output = tmp_path_factory.mktemp("report") / "nested" / "bench_encode.md"
-    status = bench_encode.main(["--quick", "--root", str(root), "--output", str(output)])
+    status = bench_encode.main(
+        ["--quick", "--root", str(root), "--host-allocator", "system", "--output", str(output)]
+    )
     return status, output
 
 
@@ -67,6 +69,7 @@ def test_quick_run_writes_report(quick_report):
     assert "Command: `python -m aqhash_jax.benchmarks.bench_encode --quick" in text
     assert re.search(r"Date: \d{4}-\d{2}-\d{2}", text)
     assert "Load average (1, 5, 15 min) before:" in text
+    assert "host allocator system" in text
 
 
 def test_pipeline_rows_positive(quick_report):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from aqhash_jax import host_memory
 from aqhash_jax.models import chunking, efficientnet
 from aqhash_jax.models.layers import conv_flops, same_padding
 from aqhash_jax.pretrained import efficientnet_lite_weights_path, load_efficientnet_lite
@@ -354,7 +355,7 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"Hardware: {_hardware()}; JAX {jax.__version__} on {jax.default_backend()}; "
         f"batch {args.batch}, {args.size} px, {args.threads} threads, {args.rounds} "
-        f"interleaved rounds; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
+        f"interleaved rounds; host allocator {args.host_allocator}; load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}.",
         "",
         f"Model FLOPs (analytic, convolutions and classifier input only): "
         f"{flops / 1e9:.3f} GFLOP per image forward; forward+backward counted as 3x forward. "
@@ -407,12 +408,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
+    parser.add_argument(
+        "--host-allocator", choices=host_memory.POLICIES, default=None,
+        help=f"malloc policy of this process, shared by JAX and PyTorch (default: ${host_memory.ENV_VAR} "
+        f"or {host_memory.DEFAULT_POLICY}); see aqhash_jax.host_memory",
+    )
     args = parser.parse_args(argv)
     for name in ("batch", "size", "threads", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    if args.host_allocator is None:
+        try:
+            args.host_allocator = host_memory.policy_from_environment()
+        except ValueError as error:
+            parser.error(str(error))
 
     logging.set_verbosity(logging.INFO)
+    host_memory.configure_host_allocator(args.host_allocator)
     text = run(args)
     print(text)
     if args.output:

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from aqhash_jax import host_memory
 from aqhash_jax.benchmarks.bench_backbone import _write_atomic, estimate_peak_flops
 from aqhash_jax.benchmarks.bench_input import _cpu_model, _default_root, _load_average, _time_loader
 from aqhash_jax.data import pipeline, sources
@@ -361,7 +362,7 @@ def format_report(*, command: str, date: str, args: argparse.Namespace, num_imag
         f"Command: `{command}`",
         "",
         f"Date: {date}. Hardware: {_cpu_model()}, {os.cpu_count()} logical CPUs; JAX {jax.__version__} on "
-        f"{jax.default_backend()} with {threads} threads ({threads_source}); Python {platform.python_version()}, "
+        f"{jax.default_backend()} with {threads} threads ({threads_source}), host allocator {args.host_allocator}; Python {platform.python_version()}, "
         f"grain {getattr(grain, '__version__', 'unknown')}. Load average (1, 5, 15 min) before: {load_before}; "
         f"after: {load_after}. When the load average exceeds the core count, other jobs shared the machine "
         "and the wall-clock rates are lower bounds.",
@@ -464,7 +465,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cores in the peak FLOP/s estimate (default: JAX's thread count from XLA_FLAGS, "
                              "else the CPUs this process may run on)")
     parser.add_argument("--quick", action="store_true", help="small run for tests: batch 4, 2 loader batches, 1 round")
+    parser.add_argument(
+        "--host-allocator", choices=host_memory.POLICIES, default=None,
+        help=f"malloc policy of this process (default: ${host_memory.ENV_VAR} or {host_memory.DEFAULT_POLICY}); "
+             "see aqhash_jax.host_memory",
+    )
     args = parser.parse_args(argv)
+    if args.host_allocator is None:
+        try:
+            args.host_allocator = host_memory.policy_from_environment()
+        except ValueError as error:
+            parser.error(str(error))
 
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     for name, value in settings.items():
@@ -492,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     raw_argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(raw_argv)
     logging.set_verbosity(logging.INFO)
+    host_memory.configure_host_allocator(args.host_allocator)
 
     command = shlex.join(["python", "-m", "aqhash_jax.benchmarks.bench_encode", *raw_argv])
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
