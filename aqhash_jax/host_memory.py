@@ -4,8 +4,9 @@ XLA on the CPU allocates every executable's output and temporary buffers with th
 malloc. glibc serves blocks of 32 MB and more with a fresh mmap and unmaps them on free, and
 threads other than the main one allocate from arenas that map large blocks the same way. So each
 jitted call touches its buffers for the first time again, and the kernel zeroes and maps every
-4 KiB page: on a 2-core AMD EPYC VM a gradient step of EfficientNet-Lite0 at batch 32 spent a
-third of its CPU time in page faults (`benchmarks/bench_backbone.py --host-allocator`).
+4 KiB page. On a 2-core AMD EPYC VM, a gradient step of EfficientNet-Lite0 at batch 32 spent a
+third of its CPU time in the kernel doing this (see `benchmarks/bench_backbone.py
+--host-allocator` and BENCHMARKS.md).
 
 The "retain" policy keeps freed memory in the process for reuse. It sets three glibc malloc
 options with `mallopt`:
