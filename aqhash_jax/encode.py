@@ -522,12 +522,16 @@ def _parse_flags(argv: list[str]):
 def main(args) -> None:
     try:
         host_memory.configure_host_allocator()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+    try:
         encoder = load_encoder(args.workdir)
         summary = encode_collection(
             encoder, args.images, args.out, batch_size=args.batch_size, read_threads=args.read_threads,
             overwrite=args.overwrite, prune_missing=args.prune_missing, progress=not args.no_progress,
         )
-    except (EncodeError, FileNotFoundError, ValueError) as error:
+    except (EncodeError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     print(

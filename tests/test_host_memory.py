@@ -106,3 +106,18 @@ def test_train_cli_rejects_unknown_policy(tmp_path):
     assert result.returncode != 0
     assert "AQHASH_HOST_ALLOCATOR='bogus' is invalid" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_encode_cli_rejects_unknown_policy(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env[host_memory.ENV_VAR] = "bogus"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "aqhash_jax.encode", f"--workdir={tmp_path}", "--images", str(tmp_path),
+         "--out", str(tmp_path / "codes.npy")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+    assert result.returncode == 2
+    assert "error: AQHASH_HOST_ALLOCATOR='bogus' is invalid" in result.stderr
+    assert not (tmp_path / "codes.npy").exists()
