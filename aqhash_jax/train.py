@@ -73,6 +73,10 @@ def run_job(config, workdir: str) -> dict:
     splits = load_splits(config)
     code_lengths = parse_code_lengths(config.train.code_lengths)
 
+    # Local workdirs are made absolute, so the paths in summary.json and the logs do not depend on
+    # the directory the job was started from.
+    if is_local_path(workdir):
+        workdir = os.path.abspath(workdir)
     workdir_path = epath.Path(workdir)
     cache_root = config.train.feature_cache_dir or os.fspath(workdir_path / "feature_cache")
     if config.train.mode == "features" and not is_local_path(cache_root):

@@ -45,6 +45,20 @@ def test_round_trip(tmp_path):
     assert decode_iterator_state(metadata["iterator_state"]) == b"\x00grain state\xff"
 
 
+def test_relative_directory_saves(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpointer = Checkpointer("run/checkpoints", max_to_keep=3)
+
+    assert checkpointer.directory == tmp_path / "run" / "checkpoints"
+    assert checkpointer.save(3, make_state(3.0), {"step": 3})
+    restored, metadata = checkpointer.restore(3, abstract_like(make_state(0.0)))
+    checkpointer.close()
+
+    np.testing.assert_array_equal(np.asarray(restored.params["head"]["queries"]), 3.0)
+    assert metadata["step"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+
+
 def test_existing_step_not_overwritten(tmp_path):
     checkpointer = Checkpointer(tmp_path, max_to_keep=3)
     assert checkpointer.save(5, make_state(5.0), {"step": 5})

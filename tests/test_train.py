@@ -176,6 +176,20 @@ def test_code_length_sweep(data_root, cache_dir, tmp_path):
         assert load_codes(tmp_path / f"bits_{bits}" / "export" / "query_codes.npy").code_length == bits
 
 
+def test_relative_workdir(data_root, cache_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(data_root, cache_dir, code_lengths="4", num_steps=4, checkpoint_every=2)
+
+    results = train.run_job(config, "runs/relative")
+
+    assert sorted(results) == [4]
+    run_dir = tmp_path / "runs" / "relative" / "bits_4"
+    assert (run_dir / "checkpoints" / "4").is_dir()
+    assert (run_dir / "export" / "query_codes.npy").is_file()
+    summary = json.loads((tmp_path / "runs" / "relative" / "summary.json").read_text())
+    assert summary["runs"]["4"]["workdir"] == os.fspath(run_dir)
+
+
 def test_end_to_end_resume_matches(data_root, tmp_path):
     """End-to-end mode: images through the backbone, grain iterator state in the checkpoint."""
 

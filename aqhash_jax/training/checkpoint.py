@@ -9,6 +9,7 @@ a killed job leaves either a whole checkpoint or none; `max_to_keep` bounds how 
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import jax
@@ -43,6 +44,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: epath.PathLike, *, max_to_keep: int | None):
+        # Orbax rejects relative checkpoint paths when it saves, so a local path is made absolute here.
+        if "://" not in str(directory):
+            directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
