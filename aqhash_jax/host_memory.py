@@ -12,8 +12,8 @@ The "retain" policy keeps freed memory in the process for reuse. It sets three g
 options with `mallopt`:
 
 - `M_MMAP_MAX = 0`: large blocks come from the heap instead of separate mappings;
-- `M_ARENA_MAX = 1`: every thread allocates from the main arena, whose heap grows with brk; the
-  other arenas are capped at 64 MB and map larger blocks whatever `M_MMAP_MAX` says;
+- `M_ARENA_MAX = 1`: every thread allocates from the main arena, whose heap grows with brk. The
+  other arenas are capped at 64 MB, so they map larger blocks whatever `M_MMAP_MAX` is set to;
 - `M_TRIM_THRESHOLD = SIZE_MAX`: free never returns the top of the heap to the kernel.
 
 The same settings are available to any program as the environment variables
@@ -26,6 +26,7 @@ threads share one malloc lock. On other C libraries (musl, macOS) the policy is 
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
 import os
@@ -60,8 +61,29 @@ def policy_from_environment() -> str:
     return value
 
 
+def add_policy_argument(parser: argparse.ArgumentParser, description: str = "malloc policy of this process") -> None:
+    """Add `--host-allocator` to a benchmark's parser; `policy_from_arguments` fills its default."""
+    parser.add_argument(
+        "--host-allocator", choices=POLICIES, default=None,
+        help=f"{description} (default: ${ENV_VAR} or {DEFAULT_POLICY}); see aqhash_jax.host_memory",
+    )
+
+
+def policy_from_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Return `--host-allocator`, else the environment's policy, and store it in `args`.
+
+    An invalid AQHASH_HOST_ALLOCATOR ends the program through `parser.error`.
+    """
+    if args.host_allocator is None:
+        try:
+            args.host_allocator = policy_from_environment()
+        except ValueError as error:
+            parser.error(str(error))
+    return args.host_allocator
+
+
 def _backend_initialized() -> bool:
-    # Private JAX API, present in 0.4 to 0.10. Without it, assume the backend is not started yet.
+    # Private JAX API (checked on JAX 0.10.2). Without it, assume the backend is not started yet.
     try:
         from jax._src import xla_bridge
     except ImportError:

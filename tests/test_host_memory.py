@@ -1,5 +1,6 @@
 """Tests for the host allocator policy: parsing, errors, and its effect on page faults."""
 
+import argparse
 import os
 import platform
 import subprocess
@@ -69,6 +70,32 @@ def test_environment_unknown_policy_names_fix(monkeypatch):
     message = str(error.value)
     assert "AQHASH_HOST_ALLOCATOR='jemalloc' is invalid" in message
     assert "'retain', 'system'" in message
+
+
+def test_arguments_prefer_flag_over_environment(monkeypatch):
+    monkeypatch.setenv(host_memory.ENV_VAR, "retain")
+    parser = argparse.ArgumentParser()
+    host_memory.add_policy_argument(parser)
+
+    flagged = parser.parse_args(["--host-allocator", "system"])
+    unflagged = parser.parse_args([])
+
+    assert host_memory.policy_from_arguments(flagged, parser) == "system"
+    assert host_memory.policy_from_arguments(unflagged, parser) == "retain"
+    assert unflagged.host_allocator == "retain"
+
+
+def test_arguments_invalid_environment_exits(monkeypatch, capsys):
+    monkeypatch.setenv(host_memory.ENV_VAR, "jemalloc")
+    parser = argparse.ArgumentParser()
+    host_memory.add_policy_argument(parser)
+    args = parser.parse_args([])
+
+    with pytest.raises(SystemExit) as error:
+        host_memory.policy_from_arguments(args, parser)
+
+    assert error.value.code == 2
+    assert "AQHASH_HOST_ALLOCATOR='jemalloc' is invalid" in capsys.readouterr().err
 
 
 def test_configure_unknown_policy_raises():

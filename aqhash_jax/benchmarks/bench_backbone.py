@@ -408,20 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-torch", action="store_true", help="run without the PyTorch reference")
     parser.add_argument("--output", default=None, help="write the Markdown table to this file")
-    parser.add_argument(
-        "--host-allocator", choices=host_memory.POLICIES, default=None,
-        help=f"malloc policy of this process, shared by JAX and PyTorch (default: ${host_memory.ENV_VAR} "
-        f"or {host_memory.DEFAULT_POLICY}); see aqhash_jax.host_memory",
-    )
+    host_memory.add_policy_argument(parser, "malloc policy of this process, shared by JAX and PyTorch")
     args = parser.parse_args(argv)
     for name in ("batch", "size", "threads", "rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1; got {getattr(args, name)}")
-    if args.host_allocator is None:
-        try:
-            args.host_allocator = host_memory.policy_from_environment()
-        except ValueError as error:
-            parser.error(str(error))
+    host_memory.policy_from_arguments(args, parser)
 
     logging.set_verbosity(logging.INFO)
     host_memory.configure_host_allocator(args.host_allocator)

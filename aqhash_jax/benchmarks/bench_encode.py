@@ -465,17 +465,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cores in the peak FLOP/s estimate (default: JAX's thread count from XLA_FLAGS, "
                              "else the CPUs this process may run on)")
     parser.add_argument("--quick", action="store_true", help="small run for tests: batch 4, 2 loader batches, 1 round")
-    parser.add_argument(
-        "--host-allocator", choices=host_memory.POLICIES, default=None,
-        help=f"malloc policy of this process (default: ${host_memory.ENV_VAR} or {host_memory.DEFAULT_POLICY}); "
-             "see aqhash_jax.host_memory",
-    )
+    host_memory.add_policy_argument(parser)
     args = parser.parse_args(argv)
-    if args.host_allocator is None:
-        try:
-            args.host_allocator = host_memory.policy_from_environment()
-        except ValueError as error:
-            parser.error(str(error))
+    host_memory.policy_from_arguments(args, parser)
 
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     for name, value in settings.items():

@@ -17,6 +17,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from aqhash_jax.training.config_checks import is_local_path
+
 STATE_ITEM = "state"
 METADATA_ITEM = "metadata"
 
@@ -45,7 +47,7 @@ class Checkpointer:
 
     def __init__(self, directory: epath.PathLike, *, max_to_keep: int | None):
         # Orbax rejects relative checkpoint paths when it saves, so a local path is made absolute here.
-        if "://" not in str(directory):
+        if is_local_path(directory):
             directory = os.path.abspath(directory)
         self.directory = epath.Path(directory)
         options = ocp.CheckpointManagerOptions(
